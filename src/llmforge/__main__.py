@@ -1,0 +1,5 @@
+import sys
+
+from llmforge.cli import main
+
+sys.exit(main())

@@ -1,0 +1,127 @@
+"""`llmforge`: one command, a verb per stage of a model's life.
+
+    llmforge pretrain recipes/demo.yaml train.lr=3e-4   # one stage (and what it needs)
+    llmforge run recipes/demo.yaml                      # the stages a recipe lists
+    llmforge demo                                       # the built-in recipe, end to end
+    llmforge chat runs/demo/export/model                # talk to a model
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+
+DEMO_RECIPE = "demo.yaml"
+STAGE_VERBS = ("data", "tokenizer", "tokenize", "pretrain", "sft", "eval", "export")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 1
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("LLMFORGE_DEBUG"):
+            raise
+        print(f"llmforge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"llmforge {args.command}: interrupted; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    from llmforge.stages import STAGES
+
+    parser = argparse.ArgumentParser(
+        prog="llmforge",
+        description="Train, align, evaluate, export and chat with a language model. Each stage "
+        "reads the files its upstream stages wrote under runs/<name>/ and writes its own there.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for verb in STAGE_VERBS:
+        p = sub.add_parser(verb, help=STAGES[verb].help, description=(
+            f"Run the {verb} stage: {STAGES[verb].help}. Upstream stages run first unless "
+            "their outputs are current."))
+        _add_recipe_args(p)
+        p.set_defaults(handler=lambda a, v=verb: _run_stages(a, [v]))
+    p = sub.add_parser("run", help="run every stage a recipe lists, skipping finished ones",
+                       description="Run the stages listed in the recipe's `stages:` in order.")
+    _add_recipe_args(p)
+    p.set_defaults(handler=lambda a: _run_stages(a, None))
+    p = sub.add_parser("demo", help="run the built-in demo recipe on the Python standard library",
+                       description="Every stage on the Python standard library's own source "
+                       "(no download): writes runs/demo/ and runs/demo/report.html.")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--force", nargs="*", metavar="STAGE", default=(), help="rerun these stages")
+    p.set_defaults(handler=_demo, recipe=None, data=None)
+    p = sub.add_parser("chat", help="chat with a model directory in the terminal (streaming)",
+                       description="Reads a model directory (ours or a Hugging Face Llama one, "
+                       "with tokenizer.json) and streams replies. /reset clears the history, "
+                       "/system TEXT sets a system prompt, /quit leaves.")
+    p.add_argument("model", type=Path, help="model directory, e.g. runs/demo/export/model")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(handler=_chat)
+    return parser
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", nargs="?", help="YAML recipe (default: the built-in demo recipe)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. train.lr=3e-4 model.n_layers=6")
+    p.add_argument("--data", help="folder or glob of .txt/.jsonl/.parquet files to use "
+                   "instead of the built-in corpus (sets data.source)")
+    p.add_argument("--force", nargs="*", metavar="STAGE", default=None,
+                   help="rerun these stages (default with no names: the stage asked for) and, "
+                   "through their new outputs, everything downstream")
+
+
+def _run_stages(args: argparse.Namespace, targets: list[str] | None) -> int:
+    from llmforge.config import load_recipe, to_dict
+    from llmforge.runs import Runner, console
+    from llmforge.stages import STAGES
+
+    recipe_path, overrides = args.recipe, list(args.overrides)
+    if recipe_path and "=" in recipe_path and not Path(recipe_path).exists():
+        recipe_path, overrides = None, [recipe_path, *overrides]  # only overrides were given
+    if args.data:
+        overrides.append(f"data.source={args.data}")
+    recipe = load_recipe(recipe_path or _demo_recipe(), overrides)
+    targets = targets or recipe.stages
+    force = tuple(targets if args.force == [] else args.force or ())
+    Runner(recipe, STAGES, to_dict).run(targets, force=force)
+    console.print(f"[bold]outputs:[/] {recipe.root}")
+    if "export" in targets:
+        console.print(f"chat with the model: [bold]llmforge chat {recipe.root / 'export/model'}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    return _run_stages(args, None)
+
+
+def _demo_recipe() -> Path:
+    return Path(str(resources.files("llmforge") / "recipes" / DEMO_RECIPE))
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from llmforge.serve.chat import chat_loop
+
+    chat_loop(args.model, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+              max_new_tokens=args.max_new_tokens, seed=args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

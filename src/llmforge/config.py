@@ -1,0 +1,172 @@
+"""Typed recipes: YAML files of stage configs, validated against dataclasses, with dotted overrides.
+
+Every stage owns a plain dataclass of its settings (next to the code that uses them); `Recipe`
+composes them. Loading checks every key and type so that a typo in a recipe is a one-line error
+that names the key, not a traceback an hour into a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmforge.align.sft import SFTConfig
+from llmforge.data.config import DataConfig
+from llmforge.eval.evaluate import EvalConfig
+from llmforge.model.config import ModelConfig
+from llmforge.tokenizer.bpe import TokenizerConfig
+from llmforge.tokenizer.shards import TokenizeConfig
+from llmforge.train.loop import TrainConfig
+
+
+class ConfigError(ValueError):
+    """A recipe or override is wrong; the message names the key and what was expected."""
+
+
+@dataclass
+class ExportConfig:
+    source: str = "sft"  # which stage's model to export: "sft" or "pretrain"
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+
+
+@dataclass
+class Recipe:
+    name: str = "demo"
+    run_dir: str = "runs"
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | mps
+    stages: list[str] = field(
+        default_factory=lambda: [
+            "data", "tokenizer", "tokenize", "pretrain", "sft", "eval", "export", "report"
+        ]
+    )
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.run_dir) / self.name
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe (or start from defaults), apply `a.b=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__}: {e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a recipe must be a mapping of sections")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        _set_dotted(raw, key.split("."), yaml.safe_load(value) if value else "")
+    return validate(build(Recipe, raw, ""))
+
+
+def _set_dotted(raw: dict, keys: list[str], value: Any) -> None:
+    for k in keys[:-1]:
+        node = raw.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {'.'.join(keys)}: {k} is not a section")
+        raw = node
+    raw[keys[-1]] = value
+
+
+def build(cls: type, raw: Any, where: str) -> Any:
+    """Construct dataclass `cls` from a mapping, checking every key and value type."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'recipe'}: expected a section (mapping), got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        name = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown key {name!r} (valid: {', '.join(sorted(fields))})")
+        kwargs[key] = _coerce(hints[key], value, name)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a dataclass's own range checks (__post_init__)
+        raise ConfigError(f"{where or 'recipe'}: {e}") from None
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, name)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, name)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return [_coerce(inner, v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r}")
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain data (for YAML, JSON and fingerprints) from dataclasses, nested in dicts or not."""
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def validate(recipe: Recipe) -> Recipe:
+    """Cross-field checks, run before any stage starts so a bad recipe fails in a second."""
+    from llmforge.stages import STAGES
+
+    unknown = [s for s in recipe.stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"stages: unknown stage {unknown[0]!r} (valid: {', '.join(STAGES)})")
+    model = recipe.model
+    try:
+        model.validate(require_vocab=False)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+    for section in ("train", "sft.train", "eval"):
+        cfg = recipe.sft.train if section == "sft.train" else getattr(recipe, section)
+        if cfg.seq_len > model.max_seq_len:
+            raise ConfigError(
+                f"{section}.seq_len={cfg.seq_len} exceeds model.max_seq_len={model.max_seq_len}"
+            )
+    for section, dtype in (("train", recipe.train.dtype), ("sft.train", recipe.sft.train.dtype)):
+        if dtype not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"{section}.dtype: expected auto, bf16 or fp32, got {dtype!r}")
+    if recipe.export.source not in ("sft", "pretrain"):
+        raise ConfigError(f"export.source: expected sft or pretrain, got {recipe.export.source!r}")
+    return recipe

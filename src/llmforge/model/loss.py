@@ -1,0 +1,57 @@
+"""Cross-entropy of a linear head without materialising the full [rows, vocab] logits.
+
+On small models the lm-head and its loss dominate the step. Computing them chunk by chunk and
+taking the gradients in the same pass (the idea behind Liger's fused linear cross-entropy and
+"cut cross-entropy") bounds memory to one chunk of logits and skips autograd's second pass
+over them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int) -> Tensor:
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        total = h.new_zeros((), dtype=torch.float32)
+        grad_h = torch.empty_like(h) if needs_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        for start in range(0, h.size(0), chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            h_chunk, t_chunk = h[rows], targets[rows]
+            logits = F.linear(h_chunk, weight).float()
+            valid = t_chunk != IGNORE_INDEX
+            safe = t_chunk.clamp_min(0)  # ignored rows gather a placeholder, then weigh zero
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe[:, None]).squeeze(1)
+            total += ((lse - picked) * valid).sum()
+            if needs_grad:
+                grad_logits = torch.exp(logits - lse[:, None])  # softmax
+                grad_logits[torch.arange(len(safe)), safe] -= 1.0
+                grad_logits *= valid[:, None]
+                grad_h[rows] = grad_logits @ weight.to(grad_logits.dtype)
+                grad_w += grad_logits.T @ h_chunk.to(grad_logits.dtype)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_total, (grad_w * grad_total).to(ctx.weight_dtype), None, None
+
+
+def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, *, reduction: str = "mean",
+                         chunk_rows: int = 1024) -> Tensor:
+    """cross_entropy(h @ weight.T, targets) over rows where target != -100, chunk by chunk."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
+    total = _LinearCrossEntropy.apply(h, weight, targets, chunk_rows)
+    return total if reduction == "sum" else total / (targets != IGNORE_INDEX).sum()

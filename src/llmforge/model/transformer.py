@@ -1,0 +1,225 @@
+"""Llama-style decoder-only transformer in one file.
+
+Layout and numerics follow Hugging Face Llama (RMSNorm in fp32, rotate_half RoPE, GQA, SwiGLU) so
+weights move between the two by renaming only, with no permutation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llmforge.model.config import ModelConfig
+from llmforge.model.loss import linear_cross_entropy
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 even under bf16: the mean of squares loses too much precision otherwise.
+        in_dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(in_dtype)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos/sin of shape [max_len, head_dim], each frequency repeated for both halves (HF layout)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate [B, H, T, D] by position; pairs are (i, i + D/2), the non-interleaved convention."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Preallocated keys/values for every layer, so decoding appends in place instead of concat."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0  # tokens already stored; advanced by Transformer.forward after all layers
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write new k/v at the current length and return everything cached for this layer."""
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, layer: int
+    ) -> Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        start = 0
+        if cache is not None:
+            start = cache.length
+            k, v = cache.update(layer, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # cache is in model dtype; q may be autocast bf16
+        gqa = self.n_kv_heads < self.n_heads
+        y = F.scaled_dot_product_attention(
+            q, k, v, **causal_mask_args(T, start, x.device), enable_gqa=gqa
+        )
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def causal_mask_args(t_new: int, start: int, device: torch.device) -> dict:
+    """SDPA's is_causal aligns the mask top-left, which is only right when nothing is cached."""
+    if start == 0:
+        return {"is_causal": t_new > 1}
+    if t_new == 1:
+        return {}  # one new token may see every cached position
+    mask = torch.ones(t_new, start + t_new, dtype=torch.bool, device=device).tril(diagonal=start)
+    return {"attn_mask": mask}
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.w_gate = nn.Linear(cfg.dim, cfg.hidden, bias=False)
+        self.w_up = nn.Linear(cfg.dim, cfg.hidden, bias=False)
+        self.w_down = nn.Linear(cfg.hidden, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, layer: int
+    ) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    # Rows of lm-head + cross-entropy computed at once (model/loss.py); bounds logits memory.
+    loss_chunk_rows: int = 1024
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        # Tied models have no lm_head module, so state_dict holds the shared matrix exactly once.
+        self.lm_head = None
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @property
+    def output_weight(self) -> Tensor:
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """N(0, init_std); residual output projections shrunk by 1/sqrt(2*n_layers) (GPT-2) so the
+        residual stream variance does not grow with depth."""
+        out_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.wo.weight", "mlp.w_down.weight")):
+                nn.init.normal_(p, std=out_std)
+            elif p.dim() == 2:
+                nn.init.normal_(p, std=self.cfg.init_std)
+            else:
+                nn.init.ones_(p)
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        """Unique parameter count (a tied matrix counts once)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n if include_embedding else n - self.tok_emb.weight.numel()
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        if max_len > self.cfg.max_seq_len:
+            raise ValueError(f"cache max_len={max_len} exceeds max_seq_len={self.cfg.max_seq_len}")
+        w = self.tok_emb.weight
+        c = self.cfg
+        shape = (c.n_layers, batch_size, c.n_kv_heads, max_len, c.head_dim)
+        return KVCache(*shape, device=w.device, dtype=w.dtype)
+
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        reduction: str = "mean",
+    ) -> Tensor:
+        """Loss (targets given) or float32 logits [B, T, V] for the tokens in idx.
+
+        With a cache, idx continues the cached sequence and only its logits are returned.
+        """
+        _, T = idx.shape
+        start = 0 if cache is None else cache.length
+        limit = self.cfg.max_seq_len if cache is None else cache.max_len
+        if start + T > limit:
+            raise ValueError(f"sequence length {start + T} exceeds the limit of {limit} positions")
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        x = self.tok_emb(idx)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.length += T
+        x = self.norm(x)
+        if targets is None:
+            return F.linear(x, self.output_weight).float()
+        return linear_cross_entropy(
+            x, self.output_weight, targets, reduction=reduction, chunk_rows=self.loss_chunk_rows
+        )

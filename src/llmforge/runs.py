@@ -1,0 +1,190 @@
+"""Run directories: where each stage writes, and when a finished stage may be skipped.
+
+`runs/<name>/<stage>/` holds a stage's outputs next to `config.yaml` (the exact settings it ran
+under), `metrics.jsonl`, `log.txt` and, once it has finished, `summary.json`. A stage's
+fingerprint hashes its own settings and the run ids of the stages it read from, so changing a
+setting, or rerunning an upstream stage, reruns everything downstream and nothing else. A stage
+that was interrupted (no summary yet) under the same fingerprint keeps its directory so it can
+resume from its own checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+console = Console(stderr=True)
+
+
+@dataclass
+class StageContext:
+    """What a running stage may touch: its own directory and its upstream stages' directories."""
+
+    name: str
+    dir: Path
+    root: Path
+    recipe: Any
+    log: logging.Logger
+    upstream: dict[str, Path] = field(default_factory=dict)
+
+    def input(self, stage: str) -> Path:
+        return self.upstream[stage]
+
+    def metrics(self, **record: Any) -> None:
+        """Append one JSON line to metrics.jsonl (a stage's time series: loss curves and such)."""
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    @contextlib.contextmanager
+    def progress(self, description: str, total: int | None) -> Iterator[Callable[..., None]]:
+        """A rich progress bar; yields `update(completed=..., **fields)`."""
+        columns = [
+            TextColumn(f"[bold]{self.name}[/] {description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+        ]
+        with Progress(*columns, console=console, transient=False) as bar:
+            task = bar.add_task(description, total=total, info="")
+
+            def update(completed: int, info: str = "") -> None:
+                bar.update(task, completed=completed, info=info)
+
+            yield update
+
+
+@dataclass
+class Stage:
+    name: str
+    help: str
+    needs: tuple[str, ...]
+    settings: Callable[[Any], Any]  # the part of the recipe this stage depends on
+    run: Callable[[StageContext], dict]
+
+
+def fingerprint(settings: Any, upstream_ids: dict[str, str]) -> str:
+    blob = json.dumps({"settings": settings, "upstream": upstream_ids}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_summary(stage_dir: Path) -> dict | None:
+    path = stage_dir / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+class Runner:
+    """Runs stages in dependency order, skipping those whose outputs are current."""
+
+    def __init__(self, recipe: Any, stages: dict[str, Stage], to_dict: Callable[[Any], Any]):
+        self.recipe = recipe
+        self.stages = stages
+        self.to_dict = to_dict
+        self.root = Path(recipe.run_dir) / recipe.name
+        self.results: dict[str, dict] = {}
+
+    def plan(self, targets: list[str]) -> list[str]:
+        order: list[str] = []
+
+        def visit(name: str) -> None:
+            if name not in self.stages:
+                raise ValueError(f"unknown stage {name!r} (valid: {', '.join(self.stages)})")
+            for dep in self.stages[name].needs:
+                visit(dep)
+            if name not in order:
+                order.append(name)
+
+        for t in targets:
+            visit(t)
+        return order
+
+    def run(self, targets: list[str], force: tuple[str, ...] = ()) -> dict[str, dict]:
+        for name in self.plan(targets):
+            self.results[name] = self._run_one(self.stages[name], force=name in force)
+        return self.results
+
+    def _run_one(self, stage: Stage, force: bool) -> dict:
+        stage_dir = self.root / stage.name
+        upstream_ids = {d: self.results[d]["run_id"] for d in stage.needs}
+        settings = self.to_dict(stage.settings(self.recipe))
+        fp = fingerprint(settings, upstream_ids)
+        done = read_summary(stage_dir)
+        if done and done.get("fingerprint") == fp and not force:
+            console.print(f"[green]✓[/] {stage.name}: up to date, skipped ({stage_dir})")
+            return done
+        started = stage_dir / "config.yaml"
+        if force or done or not started.is_file() or _stored_fingerprint(started) != fp:
+            shutil.rmtree(stage_dir, ignore_errors=True)  # stale outputs must not mix with new
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        resolved = {"fingerprint": fp, "settings": settings}
+        started.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        log = _stage_logger(stage.name, stage_dir / "log.txt")
+        ctx = StageContext(
+            name=stage.name,
+            dir=stage_dir,
+            root=self.root,
+            recipe=self.recipe,
+            log=log,
+            upstream={d: self.root / d for d in stage.needs},
+        )
+        console.rule(f"[bold]{stage.name}[/]")
+        t0 = time.perf_counter()
+        try:
+            summary = stage.run(ctx)
+        finally:
+            for h in list(log.handlers):
+                h.close()
+                log.removeHandler(h)
+        summary = {
+            **summary,
+            "stage": stage.name,
+            "run_id": uuid.uuid4().hex[:12],
+            "fingerprint": fp,
+            "upstream": upstream_ids,
+            "elapsed_s": round(time.perf_counter() - t0, 2),
+        }
+        tmp = stage_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(stage_dir / "summary.json")  # atomic: a summary exists only for finished work
+        console.print(f"[green]✓[/] {stage.name} done in {summary['elapsed_s']:.1f}s")
+        return summary
+
+
+def _stored_fingerprint(path: Path) -> str | None:
+    try:
+        return (yaml.safe_load(path.read_text()) or {}).get("fingerprint")
+    except yaml.YAMLError:
+        return None
+
+
+def _stage_logger(name: str, path: Path) -> logging.Logger:
+    log = logging.getLogger(f"llmforge.{name}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    file_handler = logging.FileHandler(path)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(file_handler)
+    log.addHandler(RichHandler(console=console, show_path=False, show_time=False))
+    return log

@@ -1,0 +1,204 @@
+"""The stages of a model's life, each reading its upstream stages' files and writing its own.
+
+Each function here is glue: it finds its inputs in the run directory, calls the module that does
+the work, and returns a summary. The work itself lives in data/, tokenizer/, model/, train/,
+align/, eval/ and report/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from llmforge.align import sft
+from llmforge.data import curate
+from llmforge.eval import evaluate
+from llmforge.model.io import export_hf, load_model, save_model
+from llmforge.model.transformer import Transformer
+from llmforge.report import write_report
+from llmforge.runs import Stage, StageContext
+from llmforge.tokenizer import (
+    CHAT_TEMPLATE,
+    load_tokenizer,
+    open_shard,
+    tokenize_documents,
+    train_tokenizer,
+)
+from llmforge.train import loop
+from llmforge.train.data import RandomWindows, sequential_windows
+from llmforge.train.device import pick_device
+
+
+def run_data(ctx: StageContext) -> dict:
+    with ctx.progress("documents", None) as update:
+        summary = curate(ctx.recipe.data, ctx.dir, progress=update)
+    ctx.log.info(f"kept {summary['kept']:,} of {summary['read']:,} documents; "
+                 f"dropped {summary['dropped']}")
+    return summary
+
+
+def run_tokenizer(ctx: StageContext) -> dict:
+    return train_tokenizer(ctx.recipe.tokenizer, _documents(ctx), ctx.dir / "tokenizer.json")
+
+
+def run_tokenize(ctx: StageContext) -> dict:
+    with ctx.progress("documents", None) as update:
+        return tokenize_documents(
+            ctx.recipe.tokenize, _documents(ctx), _tokenizer_path(ctx), ctx.dir,
+            progress=lambda docs, tokens: update(docs, info=f"{tokens:,} tokens"),
+        )
+
+
+def run_pretrain(ctx: StageContext) -> dict:
+    recipe, cfg = ctx.recipe, ctx.recipe.train
+    torch.manual_seed(recipe.seed)
+    tok = load_tokenizer(_tokenizer_path(ctx))
+    model_cfg = dataclasses.replace(
+        recipe.model, vocab_size=recipe.model.vocab_size or tok.get_vocab_size()
+    )
+    device = pick_device(recipe.device)
+    model = Transformer(model_cfg).to(device)
+    params = sum(p.numel() for p in model.parameters())
+    ctx.log.info(f"model: {params / 1e6:.2f}M parameters on {device}")
+    shards = ctx.input("tokenize")
+    train_tokens = open_shard(shards, "train").tokens
+    val_tokens = open_shard(shards, "val").tokens
+    batches = RandomWindows(train_tokens, cfg.seq_len, cfg.batch_size, recipe.seed)
+
+    def val_loss() -> float:
+        windows = sequential_windows(val_tokens, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
+        total, count = evaluate.summed_loss(model, windows, cfg.dtype)
+        return total / count
+
+    summary = loop.train(model, cfg, batches, ctx, evaluate=val_loss)
+    _save_model_dir(model, ctx, tok_path=_tokenizer_path(ctx))
+    return {**summary, "params": params}
+
+
+def run_sft(ctx: StageContext) -> dict:
+    recipe, cfg = ctx.recipe, ctx.recipe.sft
+    torch.manual_seed(recipe.seed)
+    tok = load_tokenizer(_tokenizer_path(ctx))
+    model = load_model(ctx.input("pretrain") / "model", device=pick_device(recipe.device))
+    examples, unparsable = sft.docstring_examples(_documents(ctx), cfg)
+    val = [e for e in examples if sft.is_validation(e.id, cfg.val_fraction)]
+    train = [e for e in examples if not sft.is_validation(e.id, cfg.val_fraction)]
+    ctx.log.info(f"{len(train):,} train / {len(val):,} val examples "
+                 f"({unparsable} files could not be parsed as Python)")
+    pad = tok.token_to_id("<|pad|>")
+    seq_len = cfg.train.seq_len
+    train_rows = sft.encode_examples(tok, train, seq_len)
+    val_rows = sft.encode_examples(tok, val, seq_len)
+
+    def val_loss() -> float:
+        chunks = range(0, len(val_rows), cfg.train.batch_size)
+        batches = (sft.pad_batch(val_rows[i : i + cfg.train.batch_size], pad) for i in chunks)
+        total, count = evaluate.summed_loss(model, batches, cfg.train.dtype)
+        return total / count
+
+    before = val_loss()
+    batches = sft.ExampleBatches(train_rows, cfg.train.batch_size, pad, recipe.seed)
+    summary = loop.train(model, cfg.train, batches, ctx, evaluate=val_loss)
+    _save_model_dir(model, ctx, tok_path=_tokenizer_path(ctx))
+    return {**summary, "val_loss_before": before, "train_examples": len(train_rows),
+            "val_examples": len(val_rows), "unparsable_files": unparsable}
+
+
+def run_eval(ctx: StageContext) -> dict:
+    cfg = ctx.recipe.eval
+    tok = load_tokenizer(_tokenizer_path(ctx))
+    val_tokens = open_shard(ctx.input("tokenize"), "val").tokens
+    n_windows = (len(val_tokens) - 1) // cfg.seq_len
+    if cfg.max_val_windows:
+        n_windows = min(n_windows, cfg.max_val_windows)
+    covered = val_tokens[1 : n_windows * cfg.seq_len + 1]
+    n_bytes = len(tok.decode(covered.tolist()).encode("utf-8"))
+    unigram = json.loads((ctx.input("tokenize") / "shards.json").read_text())["unigram_nats"]
+    models = {}
+    for stage in ("pretrain", "sft"):
+        model = load_model(ctx.input(stage) / "model", device=pick_device(ctx.recipe.device))
+        windows = sequential_windows(val_tokens, cfg.seq_len, cfg.batch_size, n_windows)
+        total, count = evaluate.summed_loss(model, windows, ctx.recipe.train.dtype)
+        models[stage] = evaluate.loss_report(total, count, n_bytes)
+        models[stage] |= evaluate.greedy_samples(model, tok, cfg)
+        ctx.log.info(f"{stage}: val loss {models[stage]['val_loss']:.4f} "
+                     f"(unigram {unigram:.4f}), {models[stage]['bpb']:.4f} bits/byte")
+    result = {"unigram_nats": unigram, "models": models}
+    (ctx.dir / "eval.json").write_text(json.dumps(result, indent=2))
+    return {f"{m}_{k}": v[k] for m, v in models.items() for k in ("val_loss", "bpb")} | {
+        "unigram_nats": unigram}
+
+
+def run_export(ctx: StageContext) -> dict:
+    """A Hugging Face model directory: transformers loads it as LlamaForCausalLM."""
+    cfg = ctx.recipe.export
+    model = load_model(ctx.input(cfg.source) / "model")
+    tok_path = _tokenizer_path(ctx)
+    tok = load_tokenizer(tok_path)
+    out = ctx.dir / "model"
+    bos, eos, end = (tok.token_to_id(t) for t in ("<|bos|>", "<|eos|>", "<|end|>"))
+    export_hf(model, out, dtype=getattr(torch, cfg.dtype), bos_token_id=bos,
+              eos_token_id=[eos, end])
+    shutil.copy(tok_path, out / "tokenizer.json")
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|bos|>", "eos_token": "<|end|>", "pad_token": "<|pad|>",
+        "chat_template": CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
+        "add_bos_token": False, "model_max_length": model.cfg.max_seq_len,
+    }, indent=2))
+    (out / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": bos, "eos_token_id": [eos, end], "pad_token_id":
+        tok.token_to_id("<|pad|>"), "do_sample": False, "max_new_tokens": 256,
+    }, indent=2))
+    ctx.log.info(f"exported {cfg.source} model to {out}; chat with: llmforge chat {out}")
+    return {"path": str(out), "files": sorted(p.name for p in out.iterdir())}
+
+
+def run_report(ctx: StageContext) -> dict:
+    path = write_report(ctx.root)
+    ctx.log.info(f"report: {path}")
+    return {"path": str(path)}
+
+
+def _documents(ctx: StageContext) -> Path:
+    return ctx.input("data") / "documents.parquet"
+
+
+def _tokenizer_path(ctx: StageContext) -> Path:
+    return ctx.root / "tokenizer" / "tokenizer.json"
+
+
+def _save_model_dir(model: Transformer, ctx: StageContext, tok_path: Path) -> None:
+    save_model(model, ctx.dir / "model")
+    shutil.copy(tok_path, ctx.dir / "model" / "tokenizer.json")
+
+
+def _model_settings(r):
+    return {"model": r.model, "train": r.train, "seed": r.seed, "device": r.device}
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in [
+    Stage("data", "read, normalise, dedup and filter raw text -> data/documents.parquet "
+          "(+ dropped.parquet with reasons)", (), lambda r: r.data, run_data),
+    Stage("tokenizer", "train a byte-level BPE on the documents -> tokenizer/tokenizer.json",
+          ("data",), lambda r: r.tokenizer, run_tokenizer),
+    Stage("tokenize", "documents -> tokenize/{train,val}.bin token shards + document index",
+          ("data", "tokenizer"), lambda r: r.tokenize, run_tokenize),
+    Stage("pretrain", "train the Transformer on the shards -> pretrain/model/ "
+          "(+ checkpoints/, metrics.jsonl)", ("tokenizer", "tokenize"), _model_settings,
+          run_pretrain),
+    Stage("sft", "fine-tune the pretrained model on chat examples (loss on assistant tokens) "
+          "-> sft/model/", ("data", "tokenizer", "pretrain"),
+          lambda r: {"sft": r.sft, "seed": r.seed}, run_sft),
+    Stage("eval", "validation loss, bits per byte and samples of both models -> eval/eval.json",
+          ("tokenizer", "tokenize", "pretrain", "sft"), lambda r: r.eval, run_eval),
+    Stage("export", "a Hugging Face Llama model directory -> export/model/",
+          ("tokenizer", "pretrain", "sft"), lambda r: r.export, run_export),
+    Stage("report", "an HTML report of the whole run -> report.html",
+          ("data", "tokenizer", "tokenize", "pretrain", "sft", "eval"), lambda r: {},
+          run_report),
+]}

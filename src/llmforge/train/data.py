@@ -1,0 +1,34 @@
+"""Pretraining batches: random windows of the flat token stream, a pure function of the step."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class RandomWindows:
+    """Micro-batch (step, micro) is `batch_size` windows at offsets drawn from a seeded RNG."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
+        if len(tokens) <= seq_len + 1:
+            raise ValueError(f"only {len(tokens)} training tokens: fewer than seq_len={seq_len}")
+        self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
+
+    def __call__(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, step, micro])
+        starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.batch_size)
+        rows = np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts]).astype(np.int64)
+        batch = torch.from_numpy(rows)
+        return batch[:, :-1], batch[:, 1:]
+
+
+def sequential_windows(tokens: np.ndarray, seq_len: int, batch_size: int, max_windows: int = 0):
+    """Non-overlapping windows covering the stream in order (for validation): yields (x, y)."""
+    n_windows = (len(tokens) - 1) // seq_len
+    if max_windows:
+        n_windows = min(n_windows, max_windows)
+    for first in range(0, n_windows, batch_size):
+        idx = range(first, min(first + batch_size, n_windows))
+        rows = np.stack([tokens[i * seq_len : i * seq_len + seq_len + 1] for i in idx])
+        batch = torch.from_numpy(rows.astype(np.int64))
+        yield batch[:, :-1], batch[:, 1:]
