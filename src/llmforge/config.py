@@ -22,6 +22,7 @@ from llmforge.eval.evaluate import EvalConfig
 from llmforge.model.config import ModelConfig
 from llmforge.tokenizer.bpe import TokenizerConfig
 from llmforge.tokenizer.shards import TokenizeConfig
+from llmforge.train.device import pick_device
 from llmforge.train.loop import TrainConfig
 
 
@@ -33,6 +34,12 @@ class ConfigError(ValueError):
 class ExportConfig:
     source: str = "sft"  # which stage's model to export: "sft" or "pretrain"
     dtype: str = "float32"  # float32 | bfloat16 | float16
+
+    def __post_init__(self) -> None:
+        if self.source not in ("sft", "pretrain"):
+            raise ValueError(f"source: expected sft or pretrain, got {self.source!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype: expected float32, bfloat16 or float16, got {self.dtype!r}")
 
 
 @dataclass
@@ -70,15 +77,26 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__}: {e})") from None
+            raise ConfigError(f"{path}: not valid YAML{_yaml_problem(e)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping of sections")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value")
-        _set_dotted(raw, key.split("."), yaml.safe_load(value) if value else "")
+        try:
+            parsed = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{key}: cannot parse value {value!r}{_yaml_problem(e)}") from None
+        _set_dotted(raw, key.split("."), parsed)
     return validate(build(Recipe, raw, ""))
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line from a YAML error: its problem and line, without the multi-line excerpt."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}" if mark else ""
+    return f"{where}: {getattr(e, 'problem', None) or e.__class__.__name__}"
 
 
 def _set_dotted(raw: dict, keys: list[str], value: Any) -> None:
@@ -90,8 +108,11 @@ def _set_dotted(raw: dict, keys: list[str], value: Any) -> None:
     raw[keys[-1]] = value
 
 
-def build(cls: type, raw: Any, where: str) -> Any:
-    """Construct dataclass `cls` from a mapping, checking every key and value type."""
+def build(cls: type, raw: Any, where: str, base: Any = None) -> Any:
+    """Dataclass `cls` from a mapping, checking every key and value type. Keys the mapping leaves
+    out keep the values of `base` (by default `cls()`), so a nested section that sets one field
+    keeps its parent's defaults for the others (e.g. sft.train's own learning rate)."""
+    base = cls() if base is None else base
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -103,16 +124,16 @@ def build(cls: type, raw: Any, where: str) -> Any:
         name = f"{where}.{key}" if where else str(key)
         if key not in fields:
             raise ConfigError(f"unknown key {name!r} (valid: {', '.join(sorted(fields))})")
-        kwargs[key] = _coerce(hints[key], value, name)
+        kwargs[key] = _coerce(hints[key], value, name, getattr(base, key))
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs)
     except ValueError as e:  # a dataclass's own range checks (__post_init__)
         raise ConfigError(f"{where or 'recipe'}: {e}") from None
 
 
-def _coerce(tp: Any, value: Any, name: str) -> Any:
+def _coerce(tp: Any, value: Any, name: str, default: Any = None) -> Any:
     if dataclasses.is_dataclass(tp):
-        return build(tp, value, name)
+        return build(tp, value, name, default)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -164,9 +185,8 @@ def validate(recipe: Recipe) -> Recipe:
             raise ConfigError(
                 f"{section}.seq_len={cfg.seq_len} exceeds model.max_seq_len={model.max_seq_len}"
             )
-    for section, dtype in (("train", recipe.train.dtype), ("sft.train", recipe.sft.train.dtype)):
-        if dtype not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"{section}.dtype: expected auto, bf16 or fp32, got {dtype!r}")
-    if recipe.export.source not in ("sft", "pretrain"):
-        raise ConfigError(f"export.source: expected sft or pretrain, got {recipe.export.source!r}")
+    try:
+        pick_device(recipe.device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return recipe

@@ -56,6 +56,22 @@ class StageContext:
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def rewind_metrics(self, step: int) -> list[dict]:
+        """Keep only records up to `step` (where a resumed run picks up); return them."""
+        path = self.dir / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a kill can leave a partial last line
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(record)
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        return kept
+
     @contextlib.contextmanager
     def progress(self, description: str, total: int | None) -> Iterator[Callable[..., None]]:
         """A rich progress bar; yields `update(completed=..., **fields)`."""

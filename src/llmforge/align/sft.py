@@ -72,9 +72,11 @@ def _functions(doc_id: str, text: str, tree: ast.AST, cfg: SFTConfig) -> Iterato
         doc_node = node.body[0]
         start = (node.decorator_list[0] if node.decorator_list else node).lineno
         kept = lines[start - 1 : doc_node.lineno - 1] + lines[doc_node.end_lineno : node.end_lineno]
+        if len(kept) < 2:  # a one-line function, or a body that is only the docstring
+            continue
         indent = min(len(s) - len(s.lstrip()) for s in kept if s.strip())
         answer = "\n".join(s[indent:] for s in kept).strip("\n")
-        if len(kept) > 1 and len(answer) <= cfg.max_answer_chars:
+        if len(answer) <= cfg.max_answer_chars:
             yield Example(f"{doc_id}:{node.lineno}", doc.split("\n\n")[0].strip(), answer)
 
 

@@ -83,3 +83,22 @@ class AlphaFilter:
         if frac < self.min_alpha_frac:
             return Drop("low_alpha", f"letter fraction {frac:.3f} < {self.min_alpha_frac}")
         return None
+
+
+@dataclass(frozen=True)
+class GeneratedFilter:
+    """Machine-generated files (codec tables, parser tables) announce themselves in their header;
+    they are near-copies of one another and would dominate both training and validation."""
+
+    header_chars: int = 1000
+    pattern: re.Pattern = re.compile(
+        r"\bauto-?generated|\bdo not edit\b|\bgencodec\.py|\bth(is|e) (file|module) "
+        r"(is|was) (auto-?)?generated",
+        re.IGNORECASE,
+    )
+
+    def __call__(self, text: str) -> Drop | None:
+        found = self.pattern.search(text, 0, self.header_chars)
+        if found:
+            return Drop("generated", f"header says {found.group(0)!r}")
+        return None

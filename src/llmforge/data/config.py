@@ -23,6 +23,8 @@ class DataConfig:
     # Letters over non-whitespace characters; below this the document is mostly numbers,
     # symbols or binary noise.
     min_alpha_frac: float = 0.25
+    # Drop files whose header says they were generated ("generated from", "do not edit").
+    drop_generated: bool = True
     # Stop after this many input records (0 = all): for quick runs and tests.
     max_docs: int = 0
 

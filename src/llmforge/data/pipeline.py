@@ -18,7 +18,14 @@ from types import TracebackType
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llmforge.data.clean import AlphaFilter, Filter, LengthFilter, LongestLineFilter, normalise
+from llmforge.data.clean import (
+    AlphaFilter,
+    Filter,
+    GeneratedFilter,
+    LengthFilter,
+    LongestLineFilter,
+    normalise,
+)
 from llmforge.data.config import DataConfig
 from llmforge.data.sources import Document, Record, Rejected, read_source
 
@@ -74,6 +81,7 @@ def build_steps(cfg: DataConfig) -> list[Step]:
         filter_step(LengthFilter(cfg.min_chars, cfg.max_chars)),
         filter_step(LongestLineFilter(cfg.max_line_chars)),
         filter_step(AlphaFilter(cfg.min_alpha_frac)),
+        *([filter_step(GeneratedFilter())] if cfg.drop_generated else []),
     ]
 
 

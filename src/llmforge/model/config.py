@@ -39,7 +39,7 @@ class ModelConfig:
 
         `require_vocab=False` lets a recipe be checked before the tokenizer has set vocab_size.
         """
-        if require_vocab and self.vocab_size <= 0:
+        if self.vocab_size < 0 or (require_vocab and self.vocab_size == 0):
             raise ValueError(f"ModelConfig.vocab_size must be > 0, got {self.vocab_size}")
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
             if getattr(self, name) <= 0:

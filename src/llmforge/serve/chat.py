@@ -28,6 +28,9 @@ def stream_text(tok, token_ids: Iterable[int]) -> Iterator[str]:
             continue
         yield text[len(shown):]
         shown = text
+    rest = tok.decode(ids)[len(shown):]
+    if rest:  # a reply that really ends in U+FFFD, or stopped mid-character
+        yield rest
 
 
 def chat_loop(model_dir: Path, *, temperature: float, top_k: int, top_p: float,
@@ -52,13 +55,17 @@ def chat_loop(model_dir: Path, *, temperature: float, top_k: int, top_p: float,
             history = []
             print("(history cleared)", file=stdout)
             continue
-        if line.startswith("/system"):
+        if line == "/system" or line.startswith("/system "):
             system = line.removeprefix("/system").strip() or None
             print(f"(system prompt: {system!r})", file=stdout)
             continue
         history.append({"role": "user", "content": line})
-        messages = ([{"role": "system", "content": system}] if system else []) + history
-        prompt = render_prompt(tok, messages)
+        context = model.cfg.max_seq_len
+        prompt = _fit_prompt(tok, system, history, context - min(max_new_tokens, context // 2))
+        if prompt is None:
+            print("(message too long for this model's context; try a shorter one)", file=stdout)
+            history.pop()
+            continue
         with torch.inference_mode():
             tokens = generate(model, prompt, max_new_tokens, temperature=temperature,
                               top_k=top_k, top_p=top_p, stop_ids=stops, seed=seed)
@@ -69,3 +76,16 @@ def chat_loop(model_dir: Path, *, temperature: float, top_k: int, top_p: float,
                 reply += piece
         stdout.write("\n")
         history.append({"role": "assistant", "content": reply})
+
+
+def _fit_prompt(tok, system: str | None, history: list[dict], budget: int) -> list[int] | None:
+    """The prompt for the newest turns that fit in `budget` tokens; older turns are dropped
+    from `history` in place, a user/assistant pair at a time."""
+    while True:
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        prompt = render_prompt(tok, messages)
+        if len(prompt) <= budget:
+            return prompt
+        if len(history) <= 1:
+            return None
+        del history[:2]

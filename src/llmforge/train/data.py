@@ -10,13 +10,14 @@ class RandomWindows:
     """Micro-batch (step, micro) is `batch_size` windows at offsets drawn from a seeded RNG."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
-        if len(tokens) <= seq_len + 1:
-            raise ValueError(f"only {len(tokens)} training tokens: fewer than seq_len={seq_len}")
+        if len(tokens) < seq_len + 1:
+            raise ValueError(f"only {len(tokens)} training tokens: a window needs seq_len + 1 = "
+                             f"{seq_len + 1}")
         self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
 
     def __call__(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, step, micro])
-        starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.batch_size)
+        starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
         rows = np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts]).astype(np.int64)
         batch = torch.from_numpy(rows)
         return batch[:, :-1], batch[:, 1:]

@@ -8,8 +8,13 @@ from pathlib import Path
 
 import torch
 
+DTYPES = ("auto", "bf16", "fp32")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
 
 def pick_device(name: str = "auto") -> torch.device:
+    if name.split(":")[0] not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), got {name!r}")
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
@@ -28,8 +33,8 @@ def cpu_has_bf16() -> bool:
 
 
 def use_bf16(device: torch.device, dtype: str) -> bool:
-    if dtype not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"train.dtype must be auto, bf16 or fp32, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if dtype != "auto":
         return dtype == "bf16"
     if device.type == "cuda":

@@ -17,7 +17,7 @@ import torch
 
 from llmforge.runs import StageContext
 from llmforge.train import checkpoint
-from llmforge.train.device import autocast
+from llmforge.train.device import DTYPES, autocast
 
 
 @dataclass
@@ -39,6 +39,16 @@ class TrainConfig:
     ckpt_every: int = 200
     keep_last: int = 2
     log_every: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every",
+                     "eval_batches", "ckpt_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
+            raise ValueError("need lr > 0, 0 <= min_lr_ratio <= 1 and warmup_steps >= 0")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
 
 class BatchSource(Protocol):
@@ -78,12 +88,14 @@ def train(
     optimizer = make_optimizer(model, cfg)
     ckpt_root = ctx.dir / "checkpoints"
     start = checkpoint.resume(ckpt_root, model, optimizer)
+    history = ctx.rewind_metrics(start)  # drop what the interrupted run logged past its checkpoint
     if start:
         ctx.log.info(f"resumed from step {start}")
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-    first_loss = last_loss = val_loss = None
+    first_loss = history[0]["loss"] if history else None
+    last_loss = val_loss = None
     model.train()
-    t_last = time.perf_counter()
+    last_logged, t_last = start, time.perf_counter()
     with ctx.progress("training", cfg.max_steps) as update:
         update(start)
         for step in range(start, cfg.max_steps):
@@ -100,16 +112,15 @@ def train(
             grad_norm = _clip(model, cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            first_loss = loss_sum if first_loss is None else first_loss
-            last_loss = loss_sum
             done = step + 1
             record = {"step": done, "loss": round(loss_sum, 5), "lr": lr}
-            if done % cfg.log_every == 0 or done == cfg.max_steps:
+            first_loss = record["loss"] if first_loss is None else first_loss
+            last_loss = record["loss"]
+            logging_step = done % cfg.log_every == 0 or done == cfg.max_steps
+            if logging_step:
                 elapsed = time.perf_counter() - t_last
-                steps = cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every
-                record |= {"grad_norm": round(grad_norm, 4),
-                           "tokens_per_s": round(steps * tokens_per_step / elapsed, 1)}
-                t_last = time.perf_counter()
+                record |= {"grad_norm": round(grad_norm, 4), "tokens_per_s":
+                           round((done - last_logged) * tokens_per_step / elapsed, 1)}
             if evaluate and (done % cfg.eval_every == 0 or done == cfg.max_steps):
                 val_loss = evaluate()
                 record["val_loss"] = round(val_loss, 5)
@@ -119,6 +130,8 @@ def train(
             update(done, info=f"loss {loss_sum:.3f}")
             if done % cfg.ckpt_every == 0 or done == cfg.max_steps:
                 checkpoint.save(ckpt_root, done, model, optimizer, keep_last=cfg.keep_last)
+            if logging_step:  # evaluation and checkpoint time do not count against throughput
+                last_logged, t_last = done, time.perf_counter()
     return {"steps": cfg.max_steps, "first_loss": first_loss, "final_loss": last_loss,
             "val_loss": val_loss, "tokens_seen": cfg.max_steps * tokens_per_step}
 
