@@ -70,7 +70,9 @@ def run_pretrain(ctx: StageContext) -> dict:
     batches = RandomWindows(train_tokens, cfg.seq_len, cfg.batch_size, recipe.seed)
 
     def val_loss() -> float:
-        windows = sequential_windows(val_tokens, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
+        windows = sequential_windows(
+            val_tokens, cfg.seq_len, cfg.batch_size, max_windows=cfg.eval_batches * cfg.batch_size
+        )
         total, count = evaluate.summed_loss(model, windows, cfg.dtype)
         return total / count
 
@@ -182,23 +184,26 @@ def _model_settings(r):
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
-    Stage("data", "read, normalise, dedup and filter raw text -> data/documents.parquet "
-          "(+ dropped.parquet with reasons)", (), lambda r: r.data, run_data),
-    Stage("tokenizer", "train a byte-level BPE on the documents -> tokenizer/tokenizer.json",
+    Stage("data", "raw text (--data, or the built-in stdlib corpus): normalise, dedup, "
+          "filter -> data/documents.parquet (+ dropped.parquet with reasons)", (),
+          lambda r: r.data, run_data),
+    Stage("tokenizer", "data/documents.parquet -> tokenizer/tokenizer.json (byte-level BPE)",
           ("data",), lambda r: r.tokenizer, run_tokenizer),
-    Stage("tokenize", "documents -> tokenize/{train,val}.bin token shards + document index",
+    Stage("tokenize", "documents + tokenizer -> tokenize/{train,val}.bin token shards, "
+          "document index, shards.json",
           ("data", "tokenizer"), lambda r: r.tokenize, run_tokenize),
-    Stage("pretrain", "train the Transformer on the shards -> pretrain/model/ "
-          "(+ checkpoints/, metrics.jsonl)", ("tokenizer", "tokenize"), _model_settings,
+    Stage("pretrain", "token shards -> pretrain/model/ (+ checkpoints/, metrics.jsonl); "
+          "resumes if interrupted", ("tokenizer", "tokenize"), _model_settings,
           run_pretrain),
-    Stage("sft", "fine-tune the pretrained model on chat examples (loss on assistant tokens) "
-          "-> sft/model/", ("data", "tokenizer", "pretrain"),
+    Stage("sft", "pretrain/model + docstring->code chats from the documents -> sft/model/ "
+          "(loss on assistant tokens only)", ("data", "tokenizer", "pretrain"),
           lambda r: {"sft": r.sft, "seed": r.seed}, run_sft),
-    Stage("eval", "validation loss, bits per byte and samples of both models -> eval/eval.json",
+    Stage("eval", "pretrain/model, sft/model + val shard -> eval/eval.json (val loss, bits "
+          "per byte, greedy samples)",
           ("tokenizer", "tokenize", "pretrain", "sft"), lambda r: r.eval, run_eval),
-    Stage("export", "a Hugging Face Llama model directory -> export/model/",
+    Stage("export", "sft/model (or pretrain/model) -> export/model/ (Hugging Face Llama layout)",
           ("tokenizer", "pretrain", "sft"), lambda r: r.export, run_export),
-    Stage("report", "an HTML report of the whole run -> report.html",
+    Stage("report", "every stage's summaries and metrics -> report.html",
           ("data", "tokenizer", "tokenize", "pretrain", "sft", "eval"), lambda r: {},
           run_report),
 ]}
