@@ -97,3 +97,30 @@ def test_bad_config_keys_fail_with_one_clear_line(tmp_path, capsys):
     assert main(["pretrain", str(tmp_path / "missing.yaml")]) == 2
     assert "recipe file not found" in capsys.readouterr().err
     assert not (tmp_path / "tiny").exists()
+
+
+def test_user_data_and_user_conversations(tmp_path):
+    """--data with real books and sft.data with real GSM8K conversations instead of the corpus."""
+    shared = Path(__file__).parents[2] / "shared" / "data"
+    if not (shared / "gutenberg-nltk").is_dir():
+        pytest.skip(f"shared data not found at {shared}")
+    chats = tmp_path / "gsm8k.jsonl"
+    with open(shared / "gsm8k" / "train.jsonl") as f, open(chats, "w") as out:
+        for line, _ in zip(f, range(300), strict=False):
+            record = json.loads(line)
+            out.write(json.dumps({"prompt": record["question"], "completion": record["answer"]}))
+            out.write("\n")
+        out.write("{broken\n")
+    books = str(shared / "gutenberg-nltk" / "*.txt")
+    args = ["sft", str(TINY), f"run_dir={tmp_path}", "data.max_chars=2000000", f"sft.data={chats}",
+            "train.max_steps=20", "sft.train.max_steps=10", "sft.val_fraction=0.1", "--data", books]
+    assert main(args) == 2  # 13 whole books: none falls in a 2% validation split
+    assert main([*args, "tokenize.val_fraction=0.3"]) == 0
+    run = tmp_path / "tiny"
+    data = summary(run, "data")
+    assert data["read"] == len(list((shared / "gutenberg-nltk").glob("*.txt")))
+    assert data["dropped"] == {"invalid_utf8": 2}  # two of the books are Latin-1: set aside
+    sft = summary(run, "sft")
+    assert sft["set_aside"] == {"malformed_record": 1}
+    assert sft["train_examples"] + sft["val_examples"] == 300
+    assert not (run / "eval").exists()  # only what sft needs ran

@@ -1,5 +1,6 @@
 """SFT data: documented functions become (docstring -> code) chats, loss on the answer only."""
 
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,6 +15,8 @@ from llmforge.align.sft import (
     docstring_examples,
     encode_examples,
     is_validation,
+    jsonl_examples,
+    load_examples,
     pad_batch,
 )
 from llmforge.tokenizer import (
@@ -23,7 +26,17 @@ from llmforge.tokenizer import (
     train_tokenizer,
 )
 
+
+def request(example: Example) -> str:
+    return example.messages[0]["content"]
+
+
+def answer(example: Example) -> str:
+    return example.messages[-1]["content"]
+
+
 MODULE = '''import functools
+
 
 
 def documented(x, y):
@@ -132,25 +145,25 @@ def tok(tmp_path_factory):
 def test_docstring_examples(documents):
     examples, unparsable = docstring_examples(documents, SFTConfig())
     assert unparsable == 2  # the syntax error and the Python 2 file
-    assert {e.request: e.answer for e in examples} == ANSWERS
+    assert {request(e): answer(e) for e in examples} == ANSWERS
     assert len(examples) == len(ANSWERS)
 
 
 def test_answers_have_no_docstring_and_are_dedented(documents):
     examples, _ = docstring_examples(documents, SFTConfig())
-    by_request = {e.request: e for e in examples}
+    by_request = {request(e): e for e in examples}
     method = by_request["Put the item into the box and return the box."]
-    assert method.answer.startswith("def method(")  # dedented out of the class
+    assert answer(method).startswith("def method(")  # dedented out of the class
     for e in examples:
-        assert e.request not in e.answer
-        assert not e.answer.startswith((" ", "\n")) and not e.answer.endswith("\n")
+        assert request(e) not in answer(e)
+        assert not answer(e).startswith((" ", "\n")) and not answer(e).endswith("\n")
     # Only the first paragraph of a docstring is the request.
-    assert "More detail" not in "".join(e.request + e.answer for e in examples)
+    assert "More detail" not in "".join(request(e) + answer(e) for e in examples)
 
 
 def test_example_ids_name_file_and_line(documents):
     examples, _ = docstring_examples(documents, SFTConfig())
-    ids = {e.request: e.id for e in examples}
+    ids = {request(e): e.id for e in examples}
     assert ids["Add two numbers together and return the sum."] == (
         f"pkg/mod.py:{line_of(MODULE, 'def documented(x, y):')}")
     # A decorated function is located by its def line, but its answer includes the decorator.
@@ -163,19 +176,19 @@ def test_example_ids_name_file_and_line(documents):
 
 def test_config_limits(documents):
     everything, _ = docstring_examples(documents, SFTConfig(min_request_chars=5))
-    assert "Too short." in {e.request for e in everything}
+    assert "Too short." in {request(e) for e in everything}
     assert len(everything) == len(ANSWERS) + 1
 
     two, unparsable = docstring_examples(documents, SFTConfig(max_examples=2))
     assert len(two) == 2
     assert unparsable == 0  # stopped after the first file
 
-    answer = ANSWERS["Add two numbers together and return the sum."]
-    fits, _ = docstring_examples(documents, SFTConfig(max_answer_chars=len(answer)))
-    assert answer in {e.answer for e in fits}
-    assert all(len(e.answer) <= len(answer) for e in fits)
-    too_long, _ = docstring_examples(documents, SFTConfig(max_answer_chars=len(answer) - 1))
-    assert answer not in {e.answer for e in too_long}
+    expected = ANSWERS["Add two numbers together and return the sum."]
+    fits, _ = docstring_examples(documents, SFTConfig(max_answer_chars=len(expected)))
+    assert expected in {answer(e) for e in fits}
+    assert all(len(answer(e)) <= len(expected) for e in fits)
+    too_long, _ = docstring_examples(documents, SFTConfig(max_answer_chars=len(expected) - 1))
+    assert expected not in {answer(e) for e in too_long}
 
 
 def test_one_line_function_with_docstring_is_skipped(tmp_path):
@@ -183,7 +196,7 @@ def test_one_line_function_with_docstring_is_skipped(tmp_path):
     documents = write_documents(tmp_path / "documents.parquet", {"one.py": text})
     examples, unparsable = docstring_examples(documents, SFTConfig())
     assert unparsable == 0
-    assert "Return the values sorted by their absolute size." in {e.request for e in examples}
+    assert "Return the values sorted by their absolute size." in {request(e) for e in examples}
 
 
 # ---- validation split ------------------------------------------------------------------------
@@ -204,12 +217,16 @@ def test_is_validation_is_a_deterministic_fraction():
 # ---- encoding and batches --------------------------------------------------------------------
 
 
+def chat(id_: str, req: str, ans: str) -> Example:
+    return Example(id_, [{"role": "user", "content": req}, {"role": "assistant", "content": ans}])
+
+
 EXAMPLES = [
-    Example("a:1", "Add two numbers together and return the sum.", ANSWERS[
+    chat("a:1", "Add two numbers together and return the sum.", ANSWERS[
         "Add two numbers together and return the sum."]),
-    Example("a:2", "Fetch the url.", "async def fetch(url):\n    return await get(url)"),
-    Example("a:3", "Return x.", "def f(x):\n    return x"),
-    Example("a:4", "Put the item into the box.", ANSWERS[
+    chat("a:2", "Fetch the url.", "async def fetch(url):\n    return await get(url)"),
+    chat("a:3", "Return x.", "def f(x):\n    return x"),
+    chat("a:4", "Put the item into the box.", ANSWERS[
         "Put the item into the box and return the box."]),
 ]
 
@@ -217,33 +234,32 @@ EXAMPLES = [
 def test_targets_only_on_assistant_content_and_end(tok):
     end = tok.token_to_id("<|end|>")
     assistant = tok.token_to_id("<|assistant|>")
-    encoded = encode_examples(tok, EXAMPLES, seq_len=64)
+    encoded, _ = encode_examples(tok, EXAMPLES, seq_len=64)
     assert len(encoded) == len(EXAMPLES)
     for ex, (ids, targets) in zip(EXAMPLES, encoded, strict=True):
-        messages = [{"role": "user", "content": ex.request},
-                    {"role": "assistant", "content": ex.answer}]
-        full, mask = render_chat(tok, messages)
+        full, mask = render_chat(tok, ex.messages)
         assert len(full) <= 65  # short enough not to be cut
         assert ids == full[:-1] and len(targets) == len(ids)
         assert targets == [t if m else -100 for t, m in zip(full[1:], mask[1:], strict=True)]
         learned = [t for t in targets if t != -100]
         assert learned[-1] == end
-        assert tok.decode(learned[:-1]) == ex.answer
+        assert tok.decode(learned[:-1]) == answer(ex)
         first = next(i for i, t in enumerate(targets) if t != -100)
         assert ids[first] == assistant  # learning starts at the token after <|assistant|>
         assert all(t != -100 for t in targets[first:])  # through to the final <|end|>
-        answer_ids = tok.encode(ex.answer, add_special_tokens=False).ids
+        answer_ids = tok.encode(answer(ex), add_special_tokens=False).ids
         assert learned == [*answer_ids, end]
 
 
 def test_encoding_truncates_and_drops_examples_without_targets(tok):
-    encoded = encode_examples(tok, EXAMPLES, seq_len=24)
+    encoded, _ = encode_examples(tok, EXAMPLES, seq_len=24)
     for ids, targets in encoded:
         assert len(ids) == len(targets) <= 24
-    prompt_len = len(render_chat(tok, [{"role": "user", "content": EXAMPLES[0].request}])[0])
+    prompt_len = len(render_chat(tok, [{"role": "user", "content": request(EXAMPLES[0])}])[0])
     # A window that ends before the answer starts has nothing to learn: it is dropped.
-    assert encode_examples(tok, EXAMPLES[:1], seq_len=prompt_len) == []
-    one = encode_examples(tok, EXAMPLES[:1], seq_len=prompt_len + 1)
+    none, skipped = encode_examples(tok, EXAMPLES[:1], seq_len=prompt_len)
+    assert none == [] and skipped == {"no_assistant_tokens_within_seq_len": 1}
+    one, _ = encode_examples(tok, EXAMPLES[:1], seq_len=prompt_len + 1)
     assert len(one) == 1 and sum(t != -100 for t in one[0][1]) == 1
 
 
@@ -256,7 +272,7 @@ def test_pad_batch():
 
 def test_example_batches_are_deterministic_and_padded(tok):
     pad = tok.token_to_id("<|pad|>")
-    encoded = encode_examples(tok, EXAMPLES, seq_len=64)
+    encoded, _ = encode_examples(tok, EXAMPLES, seq_len=64)
     batches = ExampleBatches(encoded, batch_size=3, pad_id=pad, seed=11)
     x, y = batches(4, 1)
     x2, y2 = ExampleBatches(encoded, batch_size=3, pad_id=pad, seed=11)(4, 1)
@@ -281,3 +297,40 @@ def test_example_batches_are_deterministic_and_padded(tok):
 def test_example_batches_need_examples():
     with pytest.raises(ValueError, match="no SFT examples"):
         ExampleBatches([], batch_size=2, pad_id=2, seed=0)
+
+
+# ---- conversations from JSONL ----------------------------------------------------------------
+
+
+def test_jsonl_examples_read_both_formats_and_count_bad_lines(tmp_path):
+    path = tmp_path / "chats.jsonl"
+    lines = [
+        json.dumps({"messages": [{"role": "system", "content": "Be brief."},
+                                 {"role": "user", "content": "Hi"},
+                                 {"role": "assistant", "content": "Hello."}]}),
+        json.dumps({"prompt": "2+2?", "completion": "4"}),
+        "{not json",
+        json.dumps({"text": "no conversation here"}),
+        json.dumps({"messages": [{"role": "user", "content": "only a question"}]}),
+        "",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    examples, skipped = jsonl_examples(path)
+    assert [e.id for e in examples] == ["chats.jsonl:1", "chats.jsonl:2"]
+    assert examples[1].messages[-1] == {"role": "assistant", "content": "4"}
+    assert skipped == {"malformed_record": 2, "no_assistant_turn": 1}
+
+
+def test_load_examples_explains_an_empty_source(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no usable conversations"):
+        load_examples(SFTConfig(data=str(tmp_path / "empty.jsonl")), tmp_path / "unused.parquet")
+    with pytest.raises(FileNotFoundError, match="sft.data"):
+        load_examples(SFTConfig(data=str(tmp_path / "missing.jsonl")), tmp_path / "x.parquet")
+
+
+def test_encoding_sets_aside_bad_roles(tok):
+    bad = Example("b:1", [{"role": "robot", "content": "beep"},
+                          {"role": "assistant", "content": "boop"}])
+    encoded, skipped = encode_examples(tok, [bad, EXAMPLES[2]], seq_len=64)
+    assert len(encoded) == 1 and skipped == {"bad_message": 1}

@@ -20,7 +20,14 @@ STAGE_VERBS = ("data", "tokenizer", "tokenize", "pretrain", "sft", "eval", "expo
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    # Overrides may also follow options (`run recipe.yaml --data x train.lr=1`), where argparse
+    # no longer takes positionals: collect those KEY=VALUE leftovers here.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if "=" not in a or a.startswith("-")]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if args.command is None:
         parser.print_help()
         return 1

@@ -106,6 +106,16 @@ def fingerprint(settings: Any, upstream_ids: dict[str, str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def files_digest(paths: list[Path]) -> str:
+    """Identity of input files outside the run directory (path, size, mtime), so that editing
+    them reruns the stage that reads them."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        st = p.stat()
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def read_summary(stage_dir: Path) -> dict | None:
     path = stage_dir / "summary.json"
     return json.loads(path.read_text()) if path.is_file() else None

@@ -16,11 +16,12 @@ import torch
 
 from llmforge.align import sft
 from llmforge.data import curate
+from llmforge.data.sources import source_files
 from llmforge.eval import evaluate
 from llmforge.model.io import export_hf, load_model, save_model
 from llmforge.model.transformer import Transformer
 from llmforge.report import write_report
-from llmforge.runs import Stage, StageContext
+from llmforge.runs import Stage, StageContext, files_digest
 from llmforge.tokenizer import (
     CHAT_TEMPLATE,
     load_tokenizer,
@@ -46,11 +47,17 @@ def run_tokenizer(ctx: StageContext) -> dict:
 
 
 def run_tokenize(ctx: StageContext) -> dict:
+    cfg = ctx.recipe.tokenize
     with ctx.progress("documents", None) as update:
-        return tokenize_documents(
-            ctx.recipe.tokenize, _documents(ctx), _tokenizer_path(ctx), ctx.dir,
+        stats = tokenize_documents(
+            cfg, _documents(ctx), _tokenizer_path(ctx), ctx.dir,
             progress=lambda docs, tokens: update(docs, info=f"{tokens:,} tokens"),
         )
+    if not stats["val_docs"]:  # documents are split whole, by a hash of their id
+        raise ValueError(f"tokenize: no document fell in the validation split of "
+                         f"{stats['train_docs']} documents; raise tokenize.val_fraction "
+                         f"(now {cfg.val_fraction})")
+    return stats
 
 
 def run_pretrain(ctx: StageContext) -> dict:
@@ -86,15 +93,17 @@ def run_sft(ctx: StageContext) -> dict:
     torch.manual_seed(recipe.seed)
     tok = load_tokenizer(_tokenizer_path(ctx))
     model = load_model(ctx.input("pretrain") / "model", device=pick_device(recipe.device))
-    examples, unparsable = sft.docstring_examples(_documents(ctx), cfg)
+    examples, skipped = sft.load_examples(cfg, _documents(ctx))
     val = [e for e in examples if sft.is_validation(e.id, cfg.val_fraction)]
     train = [e for e in examples if not sft.is_validation(e.id, cfg.val_fraction)]
-    ctx.log.info(f"{len(train):,} train / {len(val):,} val examples "
-                 f"({unparsable} files could not be parsed as Python)")
     pad = tok.token_to_id("<|pad|>")
-    seq_len = cfg.train.seq_len
-    train_rows = sft.encode_examples(tok, train, seq_len)
-    val_rows = sft.encode_examples(tok, val, seq_len)
+    train_rows, skipped_train = sft.encode_examples(tok, train, cfg.train.seq_len)
+    val_rows, skipped_val = sft.encode_examples(tok, val, cfg.train.seq_len)
+    skipped = dict(skipped + skipped_train + skipped_val)
+    ctx.log.info(f"{len(train_rows):,} train / {len(val_rows):,} val examples; set aside: "
+                 f"{skipped or 'none'}")
+    if not val_rows:
+        raise ValueError("sft: no validation examples; raise sft.val_fraction")
 
     def val_loss() -> float:
         chunks = range(0, len(val_rows), cfg.train.batch_size)
@@ -107,7 +116,7 @@ def run_sft(ctx: StageContext) -> dict:
     summary = loop.train(model, cfg.train, batches, ctx, evaluate=val_loss)
     _save_model_dir(model, ctx, tok_path=_tokenizer_path(ctx))
     return {**summary, "val_loss_before": before, "train_examples": len(train_rows),
-            "val_examples": len(val_rows), "unparsable_files": unparsable}
+            "val_examples": len(val_rows), "set_aside": skipped}
 
 
 def run_eval(ctx: StageContext) -> dict:
@@ -179,14 +188,24 @@ def _save_model_dir(model: Transformer, ctx: StageContext, tok_path: Path) -> No
     shutil.copy(tok_path, ctx.dir / "model" / "tokenizer.json")
 
 
+def _data_settings(r):
+    return {"data": r.data, "inputs": files_digest(source_files(r.data.source))}
+
+
 def _model_settings(r):
     return {"model": r.model, "train": r.train, "seed": r.seed, "device": r.device}
+
+
+def _sft_settings(r):
+    inputs = [] if r.sft.data == "docstrings" else [Path(r.sft.data)]
+    return {"sft": r.sft, "seed": r.seed, "device": r.device,
+            "inputs": files_digest([p for p in inputs if p.is_file()])}
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("data", "raw text (--data, or the built-in stdlib corpus): normalise, dedup, "
           "filter -> data/documents.parquet (+ dropped.parquet with reasons)", (),
-          lambda r: r.data, run_data),
+          _data_settings, run_data),
     Stage("tokenizer", "data/documents.parquet -> tokenizer/tokenizer.json (byte-level BPE)",
           ("data",), lambda r: r.tokenizer, run_tokenizer),
     Stage("tokenize", "documents + tokenizer -> tokenize/{train,val}.bin token shards, "
@@ -197,7 +216,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           run_pretrain),
     Stage("sft", "pretrain/model + docstring->code chats from the documents -> sft/model/ "
           "(loss on assistant tokens only)", ("data", "tokenizer", "pretrain"),
-          lambda r: {"sft": r.sft, "seed": r.seed}, run_sft),
+          _sft_settings, run_sft),
     Stage("eval", "pretrain/model, sft/model + val shard -> eval/eval.json (val loss, bits "
           "per byte, greedy samples)",
           ("tokenizer", "tokenize", "pretrain", "sft"), lambda r: r.eval, run_eval),

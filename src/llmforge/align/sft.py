@@ -1,13 +1,17 @@
 """Supervised fine-tuning on chat-formatted examples, with loss on assistant tokens only.
 
-For the demo the examples come from the corpus itself: each documented Python function becomes a
-request (its docstring) and an answer (its code without the docstring), so SFT needs no download.
+Examples come from a JSONL file of conversations (OpenAI `{"messages": [...]}` lines or
+`{"prompt", "completion"}` pairs) or, by default, from the corpus itself: each documented Python
+function becomes a request (its docstring) and an answer (its code without the docstring), so the
+demo's SFT needs no download.
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import json
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +33,10 @@ def _sft_train_defaults() -> TrainConfig:
 
 @dataclass
 class SFTConfig:
-    max_examples: int = 0  # 0 = every documented function in the corpus
-    val_fraction: float = 0.05  # held out by a hash of the function's location
+    # "docstrings" (documented functions of a Python corpus) or a .jsonl file of conversations.
+    data: str = "docstrings"
+    max_examples: int = 0  # 0 = all
+    val_fraction: float = 0.05  # held out by a hash of the example's id
     min_request_chars: int = 20  # docstrings shorter than this say too little to be a request
     max_answer_chars: int = 1500  # long functions would be truncated at seq_len anyway
     train: TrainConfig = field(default_factory=_sft_train_defaults)
@@ -39,8 +45,49 @@ class SFTConfig:
 @dataclass
 class Example:
     id: str
-    request: str
-    answer: str
+    messages: list[dict]
+
+
+def load_examples(cfg: SFTConfig, documents: Path) -> tuple[list[Example], Counter]:
+    """The examples `cfg.data` names, and what was set aside by reason."""
+    if cfg.data == "docstrings":
+        examples, unparsable = docstring_examples(documents, cfg)
+        skipped = Counter({"unparsable_python": unparsable} if unparsable else {})
+    else:
+        examples, skipped = jsonl_examples(Path(cfg.data), cfg.max_examples)
+    if not examples:
+        source = "no documented Python functions in the corpus" if cfg.data == "docstrings" \
+            else f"no usable conversations in {cfg.data}"
+        raise ValueError(f"sft: {source}; set sft.data to a .jsonl file of conversations")
+    return examples, skipped
+
+
+def jsonl_examples(path: Path, max_examples: int = 0) -> tuple[list[Example], Counter]:
+    """Conversations from JSONL; malformed lines are counted by reason, never fatal."""
+    if not path.is_file():
+        raise FileNotFoundError(f"sft.data: no such file: {path}")
+    examples: list[Example] = []
+    skipped: Counter = Counter()
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                messages = record["messages"] if "messages" in record else [
+                    {"role": "user", "content": record["prompt"]},
+                    {"role": "assistant", "content": record["completion"]},
+                ]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                skipped["malformed_record"] += 1
+                continue
+            if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+                skipped["no_assistant_turn"] += 1
+                continue
+            examples.append(Example(f"{path.name}:{lineno}", messages))
+            if max_examples and len(examples) >= max_examples:
+                break
+    return examples, skipped
 
 
 def docstring_examples(documents: Path, cfg: SFTConfig) -> tuple[list[Example], int]:
@@ -77,7 +124,9 @@ def _functions(doc_id: str, text: str, tree: ast.AST, cfg: SFTConfig) -> Iterato
         indent = min(len(s) - len(s.lstrip()) for s in kept if s.strip())
         answer = "\n".join(s[indent:] for s in kept).strip("\n")
         if len(answer) <= cfg.max_answer_chars:
-            yield Example(f"{doc_id}:{node.lineno}", doc.split("\n\n")[0].strip(), answer)
+            request = doc.split("\n\n")[0].strip()
+            yield Example(f"{doc_id}:{node.lineno}", [{"role": "user", "content": request},
+                                                      {"role": "assistant", "content": answer}])
 
 
 def is_validation(example_id: str, fraction: float) -> bool:
@@ -85,18 +134,26 @@ def is_validation(example_id: str, fraction: float) -> bool:
     return int.from_bytes(digest) / 2**64 < fraction
 
 
-def encode_examples(tok: Tokenizer, examples: list[Example], seq_len: int) -> list[tuple]:
-    """Chat-render each example; targets are -100 outside assistant tokens."""
+def encode_examples(
+    tok: Tokenizer, examples: list[Example], seq_len: int
+) -> tuple[list[tuple], Counter]:
+    """Chat-render each example; targets are -100 outside assistant tokens. Examples with a bad
+    role or content, or whose assistant tokens all fall past seq_len, are counted and skipped."""
     encoded = []
+    skipped: Counter = Counter()
     for ex in examples:
-        messages = [{"role": "user", "content": ex.request},
-                    {"role": "assistant", "content": ex.answer}]
-        ids, mask = render_chat(tok, messages)
+        try:
+            ids, mask = render_chat(tok, ex.messages)
+        except ValueError:
+            skipped["bad_message"] += 1
+            continue
         ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]
         targets = [t if m else -100 for t, m in zip(ids[1:], mask[1:], strict=True)]
         if any(t != -100 for t in targets):
             encoded.append((ids[:-1], targets))
-    return encoded
+        else:
+            skipped["no_assistant_tokens_within_seq_len"] += 1
+    return encoded, skipped
 
 
 class ExampleBatches:

@@ -59,6 +59,11 @@ def read_source(source: str, text_field: str = "text") -> Iterator[Record]:
     return _read_files(files, root, source, text_field)
 
 
+def source_files(source: str) -> list[Path]:
+    """The files a source reads, so a run can tell when its input has changed."""
+    return stdlib_files()[1] if source == STDLIB else resolve_files(source)[0]
+
+
 def _read_files(files: list[Path], root: Path, source: str, text_field: str) -> Iterator[Record]:
     for path in files:
         rel = _display(path.relative_to(root))
