@@ -24,13 +24,7 @@ TOKENS = np.tile(np.arange(3, 19, dtype=np.uint16), 200)
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are fastest on one thread, and do not stall when other work holds the CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def new_model(seed: int = 0) -> Transformer:
