@@ -69,7 +69,7 @@ def run_pretrain(ctx: StageContext) -> dict:
     )
     device = pick_device(recipe.device)
     model = Transformer(model_cfg).to(device)
-    params = sum(p.numel() for p in model.parameters())
+    params = model.num_params()
     ctx.log.info(f"model: {params / 1e6:.2f}M parameters on {device}")
     shards = ctx.input("tokenize")
     train_tokens = open_shard(shards, "train").tokens
@@ -133,7 +133,7 @@ def run_eval(ctx: StageContext) -> dict:
     for stage in ("pretrain", "sft"):
         model = load_model(ctx.input(stage) / "model", device=pick_device(ctx.recipe.device))
         windows = sequential_windows(val_tokens, cfg.seq_len, cfg.batch_size, n_windows)
-        total, count = evaluate.summed_loss(model, windows, ctx.recipe.train.dtype)
+        total, count = evaluate.summed_loss(model, windows, cfg.dtype)
         models[stage] = evaluate.loss_report(total, count, n_bytes)
         models[stage] |= evaluate.greedy_samples(model, tok, cfg)
         ctx.log.info(f"{stage}: val loss {models[stage]['val_loss']:.4f} "
@@ -180,7 +180,7 @@ def _documents(ctx: StageContext) -> Path:
 
 
 def _tokenizer_path(ctx: StageContext) -> Path:
-    return ctx.root / "tokenizer" / "tokenizer.json"
+    return ctx.input("tokenizer") / "tokenizer.json"
 
 
 def _save_model_dir(model: Transformer, ctx: StageContext, tok_path: Path) -> None:

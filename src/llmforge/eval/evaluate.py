@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 
 from llmforge.model.generate import generate
 from llmforge.tokenizer.chat import render_prompt, stop_ids
-from llmforge.train.device import autocast
+from llmforge.train.device import DTYPES, autocast
 
 
 @dataclass
@@ -24,6 +24,7 @@ class EvalConfig:
     batch_size: int = 16
     max_val_windows: int = 0  # 0 = the whole validation split
     max_new_tokens: int = 96
+    dtype: str = "auto"  # auto (bf16 autocast where the hardware has it) | bf16 | fp32
     # Prompts end before a newline: byte-level BPE merges "\n" with the indentation after it.
     prompts: list[str] = field(
         default_factory=lambda: ["def fibonacci(n):", "import os", "class Stack:"]
@@ -35,6 +36,10 @@ class EvalConfig:
             "Read a file and return its lines without trailing whitespace.",
         ]
     )
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
 
 @torch.no_grad()
