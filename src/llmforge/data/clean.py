@@ -11,6 +11,8 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Protocol
 
+from llmforge.data.records import Drop
+
 # C0/C1 control characters except \t (0x09) and \n (0x0a), plus lone surrogates, which can come
 # from JSON escapes and cannot be written as UTF-8.
 _UNWANTED = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -26,14 +28,6 @@ def normalise(text: str) -> str:
     text = _TRAILING_SPACE.sub("", text)
     text = _MANY_BLANK_LINES.sub("\n\n\n", text)
     return text.strip("\n")
-
-
-@dataclass(frozen=True, slots=True)
-class Drop:
-    """A filter's verdict against a document; `reason` is the key counted in the summary."""
-
-    reason: str
-    detail: str
 
 
 class Filter(Protocol):

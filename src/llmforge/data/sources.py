@@ -11,11 +11,12 @@ import json
 import os
 import sysconfig
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from llmforge.data.records import Document, Record, Rejected
 
 STDLIB = "stdlib"
 # Third-party code and CPython's own test suites (full of deliberately odd files) are not the
@@ -24,27 +25,6 @@ STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tes
 PARQUET_BATCH_ROWS = 1024
 
 
-@dataclass(frozen=True, slots=True)
-class Document:
-    """One unit of text; `id` is unique within its source, `source` names the corpus."""
-
-    id: str
-    text: str
-    source: str
-
-
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    """An input record set aside; `reason` is the stable key counted in the summary."""
-
-    id: str
-    source: str
-    reason: str
-    detail: str = ""
-    chars: int = 0
-
-
-Record = Document | Rejected
 Reader = Callable[[Path, str, str, str], Iterator[Record]]
 
 
