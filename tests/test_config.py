@@ -295,10 +295,12 @@ def test_bad_export_source():
     assert config_error(None, ("export.source=hf",)).startswith("export: source")
 
 
-def test_dataclass_range_checks_become_config_errors():
-    message = config_error(None, ("data.min_chars=-1",))
-    assert message.startswith("data: ") and "min_chars" in message
-    assert "min_alpha_frac" in config_error(None, ("data.min_alpha_frac=2",))
+def test_data_step_errors_become_config_errors():
+    message = config_error(None, ("data.steps=[clean, {length: {min_chars: many}}]",))
+    assert message.startswith("data: ") and "steps[1].length.min_chars" in message
+    assert "unknown step 'gopherr'" in config_error(None, ("data.steps=[gopherr]",))
+    assert "min_chars" in config_error(None, ("data.steps=[{length: {min_chars: -1}}]",))
+    assert "executor" in config_error(None, ("data.executor=spark",))
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,7 @@ def test_every_stage_wrote_its_outputs(run):
         assert (run / stage / "log.txt").is_file(), stage
     data = summary(run, "data")
     assert data["read"] == data["kept"] + sum(data["dropped"].values())
-    assert pq.read_table(run / "data" / "documents.parquet").num_rows == data["kept"]
+    assert pq.read_table(run / "data" / "documents").num_rows == data["kept"]
     assert len(open_shard(run / "tokenize", "train")) > 100_000
     assert (run / "pretrain" / "checkpoints").is_dir()
     assert (run / "report.html").stat().st_size > 10_000
@@ -112,7 +112,7 @@ def test_user_data_and_user_conversations(tmp_path):
             out.write("\n")
         out.write("{broken\n")
     books = str(shared / "gutenberg-nltk" / "*.txt")
-    args = ["sft", str(TINY), f"run_dir={tmp_path}", "data.max_chars=2000000", f"sft.data={chats}",
+    args = ["sft", str(TINY), f"run_dir={tmp_path}", "data.steps=[clean, {length: {max_chars: 2000000}}]", f"sft.data={chats}",
             "train.max_steps=20", "sft.train.max_steps=10", "sft.val_fraction=0.1", "--data", books]
     assert main(args) == 2  # 13 whole books: none falls in a 2% validation split
     assert main([*args, "tokenize.val_fraction=0.3"]) == 0

@@ -8,8 +8,6 @@ that names the key, not a traceback an hour into a run.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,14 +18,11 @@ from llmforge.align.sft import SFTConfig
 from llmforge.data.config import DataConfig
 from llmforge.eval.evaluate import EvalConfig
 from llmforge.model.config import ModelConfig
+from llmforge.schema import ConfigError, build
 from llmforge.tokenizer.bpe import TokenizerConfig
 from llmforge.tokenizer.shards import TokenizeConfig
 from llmforge.train.device import pick_device
 from llmforge.train.loop import TrainConfig
-
-
-class ConfigError(ValueError):
-    """A recipe or override is wrong; the message names the key and what was expected."""
 
 
 @dataclass
@@ -106,56 +101,6 @@ def _set_dotted(raw: dict, keys: list[str], value: Any) -> None:
             raise ConfigError(f"cannot set {'.'.join(keys)}: {k} is not a section")
         raw = node
     raw[keys[-1]] = value
-
-
-def build(cls: type, raw: Any, where: str, base: Any = None) -> Any:
-    """Dataclass `cls` from a mapping, checking every key and value type. Keys the mapping leaves
-    out keep the values of `base` (by default `cls()`), so a nested section that sets one field
-    keeps its parent's defaults for the others (e.g. sft.train's own learning rate)."""
-    base = cls() if base is None else base
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where or 'recipe'}: expected a section (mapping), got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in raw.items():
-        name = f"{where}.{key}" if where else str(key)
-        if key not in fields:
-            raise ConfigError(f"unknown key {name!r} (valid: {', '.join(sorted(fields))})")
-        kwargs[key] = _coerce(hints[key], value, name, getattr(base, key))
-    try:
-        return dataclasses.replace(base, **kwargs)
-    except ValueError as e:  # a dataclass's own range checks (__post_init__)
-        raise ConfigError(f"{where or 'recipe'}: {e}") from None
-
-
-def _coerce(tp: Any, value: Any, name: str, default: Any = None) -> Any:
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value, name, default)
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, name)
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
-        return [_coerce(inner, v, f"{name}[{i}]") for i, v in enumerate(value)]
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
-        return value
-    raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r}")
 
 
 def to_dict(obj: Any) -> Any:

@@ -16,6 +16,7 @@ import torch
 
 from llmforge.align import sft
 from llmforge.data import curate
+from llmforge.data.datacard import write_datacard
 from llmforge.data.sources import source_files
 from llmforge.eval import evaluate
 from llmforge.model.io import export_hf, load_model, save_model
@@ -35,10 +36,13 @@ from llmforge.train.device import pick_device
 
 
 def run_data(ctx: StageContext) -> dict:
-    with ctx.progress("documents", None) as update:
-        summary = curate(ctx.recipe.data, ctx.dir, progress=update)
+    with ctx.progress("shard tasks", None) as update:
+        summary = curate(ctx.recipe.data, ctx.dir,
+                         progress=lambda done, total: update(done, info=f"of {total}"))
     ctx.log.info(f"kept {summary['kept']:,} of {summary['read']:,} documents; "
                  f"dropped {summary['dropped']}")
+    _, html = write_datacard(summary, ctx.dir, title=f"Datacard: {ctx.recipe.data.source}")
+    ctx.log.info(f"datacard: {html}")
     return summary
 
 
@@ -176,7 +180,7 @@ def run_report(ctx: StageContext) -> dict:
 
 
 def _documents(ctx: StageContext) -> Path:
-    return ctx.input("data") / "documents.parquet"
+    return ctx.input("data") / "documents"
 
 
 def _tokenizer_path(ctx: StageContext) -> Path:
@@ -189,7 +193,8 @@ def _save_model_dir(model: Transformer, ctx: StageContext, tok_path: Path) -> No
 
 
 def _data_settings(r):
-    return {"data": r.data, "inputs": files_digest(source_files(r.data.source))}
+    files = [f for source in r.data.source.split(",") for f in source_files(source.strip())]
+    return {"data": r.data, "inputs": files_digest(files)}
 
 
 def _model_settings(r):
@@ -204,9 +209,9 @@ def _sft_settings(r):
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("data", "raw text (--data, or the built-in stdlib corpus): normalise, dedup, "
-          "filter -> data/documents.parquet (+ dropped.parquet with reasons)", (),
+          "filter -> data/documents/*.parquet (+ rejects/ with reasons, datacard)", (),
           _data_settings, run_data),
-    Stage("tokenizer", "data/documents.parquet -> tokenizer/tokenizer.json (byte-level BPE)",
+    Stage("tokenizer", "data/documents -> tokenizer/tokenizer.json (byte-level BPE)",
           ("data",), lambda r: r.tokenizer, run_tokenizer),
     Stage("tokenize", "documents + tokenizer -> tokenize/{train,val}.bin token shards, "
           "document index, shards.json",

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from tokenizers import Tokenizer
 
+from llmforge.data.documents import document_batches
 from llmforge.tokenizer.chat import render_chat
 from llmforge.train.loop import TrainConfig
 
@@ -95,7 +95,7 @@ def docstring_examples(documents: Path, cfg: SFTConfig) -> tuple[list[Example], 
     to parse (counted, not fatal: the corpus may hold Python 2 or templated files)."""
     examples: list[Example] = []
     unparsable = 0
-    for batch in pq.ParquetFile(documents).iter_batches(columns=["id", "text"]):
+    for batch in document_batches(documents, ["id", "text"]):
         for doc_id, text in zip(*batch.to_pydict().values(), strict=True):
             try:
                 tree = ast.parse(text)

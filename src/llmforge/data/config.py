@@ -2,39 +2,50 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _code_steps() -> list[Any]:
+    from llmforge.data.steps import CODE_STEPS
+
+    return list(CODE_STEPS)
 
 
 @dataclass
 class DataConfig:
-    """Where the raw text comes from and which documents are good enough to keep."""
+    """Where the raw text comes from, which steps it goes through, and where the work runs."""
 
     # "stdlib" = the running interpreter's own standard library (always available, no download);
-    # otherwise a folder (read recursively) or a glob of .txt / .jsonl / .parquet files.
+    # otherwise a folder (read recursively), a glob, or hf://owner/name for a Hugging Face
+    # dataset. Formats: .txt, .jsonl(.gz/.zst), .parquet, .csv, WARC/WET. Several sources are
+    # separated by commas ("stdlib,books/*.txt") and read in that order.
     source: str = "stdlib"
-    # Field of a .jsonl object / column of a .parquet file that holds the document text.
+    # Field of a .jsonl object / column of a .parquet or .csv file that holds the document text.
     text_field: str = "text"
-    # Shorter documents carry too little context to learn from (stubs, empty __init__ files).
-    min_chars: int = 200
-    # Longer ones are usually dumps or generated tables; they also bloat a single training window.
-    max_chars: int = 200_000
-    # A longer line means minified, encoded or machine-generated text, not prose or code.
-    max_line_chars: int = 1000
-    # Letters over non-whitespace characters; below this the document is mostly numbers,
-    # symbols or binary noise.
-    min_alpha_frac: float = 0.25
-    # Drop files whose header says they were generated ("generated from", "do not edit").
-    drop_generated: bool = True
+    # The steps, in order (see data/steps.py for names and parameters). The default suits code
+    # and is what the demo uses; data.steps.WEB_STEPS is the FineWeb-style chain for web text.
+    steps: list[Any] = field(default_factory=_code_steps)
+    executor: str = "local"  # local (processes on this machine) | ray
+    workers: int = 0  # 0 = one per CPU core (local) or the cluster's (ray)
+    ray_address: str = ""  # "" = start a local Ray instance; "auto" or ray://host:port to join
+    # Large files are split into shards of about this size, so one file is not one worker's job.
+    shard_mb: int = 64
+    # Write every set-aside document, with step, reason and text, to data/rejects/.
+    write_rejects: bool = True
     # Stop after this many input records (0 = all): for quick runs and tests.
     max_docs: int = 0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.min_chars <= self.max_chars:
-            raise ValueError(f"need 0 <= min_chars <= max_chars, got {self.min_chars}, "
-                             f"{self.max_chars}")
-        if self.max_line_chars < 1:
-            raise ValueError(f"max_line_chars must be >= 1, got {self.max_line_chars}")
-        if not 0.0 <= self.min_alpha_frac <= 1.0:
-            raise ValueError(f"min_alpha_frac must be in [0, 1], got {self.min_alpha_frac}")
-        if self.max_docs < 0:
-            raise ValueError(f"max_docs must be >= 0 (0 = all), got {self.max_docs}")
+        from llmforge.data.executors import EXECUTORS
+        from llmforge.data.steps import build_steps
+
+        build_steps(self.steps)  # a bad step name or parameter fails at load time
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, "
+                             f"got {self.executor!r}")
+        for name in ("workers", "max_docs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.shard_mb < 1:
+            raise ValueError(f"shard_mb must be >= 1, got {self.shard_mb}")

@@ -95,7 +95,7 @@ def _number(value: Any) -> float | None:
     return float(value) if ok else None
 
 
-def _scalars(summary: dict | None) -> list[tuple[str, Any]]:
+def scalar_items(summary: dict | None) -> list[tuple[str, Any]]:
     """The (key, value) pairs worth a table row: scalars only, no bookkeeping."""
     return [
         (key, value)
@@ -127,7 +127,7 @@ def fmt(value: Any) -> str:
 # ---- plots -----------------------------------------------------------------------------------
 
 
-def _png(fig: Figure) -> str:
+def png_base64(fig: Figure) -> str:
     buf = io.BytesIO()
     FigureCanvasAgg(fig).print_png(buf)
     return base64.b64encode(buf.getvalue()).decode("ascii")
@@ -150,7 +150,7 @@ def _funnel_plot(read: float, dropped: dict[str, float], kept: float) -> str:
     for y, value in enumerate(values):
         ax.text(value, y, f" {fmt(value)}", va="center", fontsize=8)
     ax.margins(x=0.15)
-    return _png(fig)
+    return png_base64(fig)
 
 
 def _loss_plot(records: list[dict], baseline: float | None) -> str | None:
@@ -169,7 +169,7 @@ def _loss_plot(records: list[dict], baseline: float | None) -> str | None:
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _png(fig)
+    return png_base64(fig)
 
 
 def _lr_plot(records: list[dict]) -> str | None:
@@ -182,7 +182,7 @@ def _lr_plot(records: list[dict]) -> str | None:
     ax.set_xlabel("step")
     ax.set_ylabel("learning rate")
     ax.grid(alpha=0.3)
-    return _png(fig)
+    return png_base64(fig)
 
 
 # ---- sections (None means the stage did not run) ---------------------------------------------
@@ -198,12 +198,12 @@ def _data_section(summary: dict | None) -> dict | None:
     drops = [(reason, count, 100 * count / read if read else None)
              for reason, count in dropped.items()]
     plot = _funnel_plot(read, dropped, kept) if read is not None and kept is not None else None
-    return {"plot": plot, "drops": drops, "facts": _scalars(summary)}
+    return {"plot": plot, "drops": drops, "facts": scalar_items(summary)}
 
 
 def _tokenizer_section(tokenizer: dict | None, tokenize: dict | None) -> list | None:
-    tables = [(name, _scalars(s)) for name, s in (("tokenizer", tokenizer), ("tokenize", tokenize))
-              if s is not None]
+    pairs = (("tokenizer", tokenizer), ("tokenize", tokenize))
+    tables = [(name, scalar_items(s)) for name, s in pairs if s is not None]
     return tables or None
 
 
@@ -215,7 +215,7 @@ def _training_section(stage_dir: Path, baseline: float | None) -> dict | None:
     return {
         "loss_plot": _loss_plot(records, baseline),
         "lr_plot": _lr_plot(records),
-        "facts": _scalars(summary),
+        "facts": scalar_items(summary),
         "finished": summary is not None,
     }
 

@@ -7,8 +7,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from llmforge.data.documents import document_batches
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -44,7 +45,7 @@ class TokenizerConfig:
 def _iter_texts(documents: Path, max_chars: int = 0) -> Iterator[str]:
     """Stream document texts so the corpus never has to fit in memory."""
     seen = 0
-    for batch in pq.ParquetFile(documents).iter_batches(batch_size=_READ_BATCH, columns=["text"]):
+    for batch in document_batches(documents, ["text"], _READ_BATCH):
         for text in batch.column(0).to_pylist():
             if max_chars and seen + len(text) > max_chars:
                 remaining = max_chars - seen
@@ -83,7 +84,7 @@ def _resolve(path: Path) -> Path:
 
 
 def train_tokenizer(cfg: TokenizerConfig, documents: Path, out_path: Path) -> dict:
-    """Learn the vocabulary from documents.parquet and save tokenizer.json at out_path."""
+    """Learn the vocabulary from the data stage's documents and save tokenizer.json at out_path."""
     start = time.perf_counter()
     out_file = _resolve(out_path)
     out_file.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Turn documents.parquet into flat token files that pretraining reads through memmaps."""
+"""Turn the data stage's documents into flat token files that pretraining reads through memmaps."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
+from llmforge.data.documents import document_batches
 from llmforge.tokenizer.bpe import BOS, load_tokenizer
 
 SPLITS = ("train", "val")
@@ -101,8 +101,7 @@ def tokenize_documents(
     writers = {s: _SplitWriter(out_dir, s, dtype, vocab_size) for s in SPLITS}
     docs_done = 0
     try:
-        reader = pq.ParquetFile(documents)
-        for batch in reader.iter_batches(batch_size=cfg.batch_docs, columns=["id", "text"]):
+        for batch in document_batches(documents, ["id", "text"], cfg.batch_docs):
             ids, texts = batch.column(0).to_pylist(), batch.column(1).to_pylist()
             encodings = tok.encode_batch(texts, add_special_tokens=False)
             parts: dict[str, tuple[list, list]] = {s: ([], []) for s in SPLITS}

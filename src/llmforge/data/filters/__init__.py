@@ -1,0 +1,1 @@
+"""Document filters and annotators that run as steps of the data pipeline."""
