@@ -310,7 +310,8 @@ def main() -> None:
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.write_mix:
-        print(build_mix(args.data, args.write_mix, args.docs))
+        mix = build_mix(args.data, args.write_mix, args.docs)
+        print(f"wrote {mix['docs']} documents ({mix['bytes'] / 2**20:.1f} MiB) to {args.write_mix}")
         return
     if args.llmforge_child:
         source, out, workers = args.llmforge_child

@@ -112,8 +112,9 @@ def test_user_data_and_user_conversations(tmp_path):
             out.write("\n")
         out.write("{broken\n")
     books = str(shared / "gutenberg-nltk" / "*.txt")
-    args = ["sft", str(TINY), f"run_dir={tmp_path}", "data.steps=[clean, {length: {max_chars: 2000000}}]", f"sft.data={chats}",
-            "train.max_steps=20", "sft.train.max_steps=10", "sft.val_fraction=0.1", "--data", books]
+    args = ["sft", str(TINY), f"run_dir={tmp_path}", f"sft.data={chats}",
+            "data.steps=[clean, {length: {max_chars: 2000000}}]", "train.max_steps=20",
+            "sft.train.max_steps=10", "sft.val_fraction=0.1", "--data", books]
     assert main(args) == 2  # 13 whole books: none falls in a 2% validation split
     assert main([*args, "tokenize.val_fraction=0.3"]) == 0
     run = tmp_path / "tiny"
