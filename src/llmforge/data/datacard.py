@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment
+from markupsafe import Markup
 from matplotlib.figure import Figure
 
-from llmforge.report.html import fmt, png_base64, scalar_items
+from llmforge.report.html import BASE_CSS, fmt, png_base64, scalar_items
 
 TOP_REASONS = 20
 EXAMPLES_SHOWN = 3
@@ -288,7 +289,8 @@ def _md_example(e: dict) -> str:
 def _html(title: str, sections: list[Section]) -> str:
     # autoescape: excerpts are raw web text and may hold markup
     env = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(TEMPLATE).render(title=title, sections=sections)
+    return env.from_string(TEMPLATE).render(base_css=Markup(BASE_CSS), title=title,
+                                            sections=sections)
 
 
 TEMPLATE = """<!doctype html>
@@ -297,15 +299,9 @@ TEMPLATE = """<!doctype html>
 <meta charset="utf-8">
 <title>{{ title }}</title>
 <style>
-body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em;
-       color: #222; }
-h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
-table { border-collapse: collapse; margin: .5em 0 1em; }
+{{ base_css }}
 caption { text-align: left; font-weight: bold; padding: .3em 0; }
-th, td { border: 1px solid #ddd; padding: .25em .7em; text-align: left; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-pre { background: #f6f8fa; padding: .6em; white-space: pre-wrap; word-break: break-word;
-      margin: .3em 0 1em; }
+pre { margin: .3em 0 1em; }
 .note { color: #666; font-style: italic; }
 img { max-width: 100%; display: block; }
 </style>

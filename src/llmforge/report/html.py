@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment
+from markupsafe import Markup
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -30,7 +31,7 @@ def write_report(root: Path, out: Path | None = None) -> Path:
     # autoescape: samples are model output and contain code with `<`
     env = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
     env.filters["fmt"] = fmt
-    html = env.from_string(TEMPLATE).render(**_context(root))
+    html = env.from_string(TEMPLATE).render(base_css=Markup(BASE_CSS), **_context(root))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(html, encoding="utf-8")
     return out
@@ -274,20 +275,23 @@ def _timings_section(root: Path) -> dict | None:
     return {"rows": rows, "total": sum(s for _, s in rows)} if rows else None
 
 
+# The look every llmforge page shares (run report, datacard).
+BASE_CSS = """body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto;
+       padding: 0 1em; color: #222; }
+h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
+table { border-collapse: collapse; margin: .5em 0 1em; }
+th, td { border: 1px solid #ddd; padding: .25em .7em; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+pre { background: #f6f8fa; padding: .6em; white-space: pre-wrap; word-break: break-word; }"""
+
 TEMPLATE = """<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <title>{{ title }}</title>
 <style>
-body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em;
-       color: #222; }
-h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
-table { border-collapse: collapse; margin: .5em 0 1em; }
-th, td { border: 1px solid #ddd; padding: .25em .7em; text-align: left; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-pre { background: #f6f8fa; padding: .6em; white-space: pre-wrap; word-break: break-word;
-      margin: .3em 0; }
+{{ base_css }}
+pre { margin: .3em 0; }
 .not-run { color: #888; font-style: italic; }
 .tables { display: flex; gap: 2em; flex-wrap: wrap; }
 .side { display: grid; grid-template-columns: repeat({{ samples.columns|length
