@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llmforge.data.config import DataConfig
-from llmforge.data.executors import run_tasks
+from llmforge.data.executors import TaskRunner
 from llmforge.data.records import Document, Drop, Rejected
 from llmforge.data.sources import Shard, plan_shards, read_shard
 from llmforge.data.steps import build_steps
@@ -91,20 +91,20 @@ def curate(cfg: DataConfig, out_dir: Path, *,
     total, finished = len(groups) * len(plan), 0
     stats: list[dict] = []
     barriers: dict[str, dict] = {}
-    for k, seg in enumerate(plan):
-        tasks = [Task(i, k, group, cfg.max_docs, cfg.text_field, seg.steps, seg.barrier,
-                      str(work), k == len(plan) - 1, cfg.write_rejects)
-                 for i, group in enumerate(groups)]
+    with TaskRunner(cfg.executor, cfg.workers, len(groups), cfg.ray_address) as runner:
+        for k, seg in enumerate(plan):
+            tasks = [Task(i, k, group, cfg.max_docs, cfg.text_field, seg.steps, seg.barrier,
+                          str(work), k == len(plan) - 1, cfg.write_rejects)
+                     for i, group in enumerate(groups)]
 
-        def done(n: int, base: int = finished) -> None:
-            if progress:
-                progress(base + n, total)
+            def done(n: int, base: int = finished) -> None:
+                if progress:
+                    progress(base + n, total)
 
-        stats += run_tasks(run_task, tasks, executor=cfg.executor, workers=cfg.workers,
-                           ray_address=cfg.ray_address, on_done=done)
-        finished += len(tasks)
-        if seg.barrier is not None:
-            barriers[seg.barrier.name] = _decide(seg.barrier, k, len(groups), work, out_dir)
+            stats += runner.map(run_task, tasks, on_done=done)
+            finished += len(tasks)
+            if seg.barrier is not None:
+                barriers[seg.barrier.name] = _decide(seg.barrier, k, len(groups), work, out_dir)
     summary = _summarise(stats, barriers, [s for seg in plan for s in _names(seg)])
     (out_dir / "documents").mkdir(parents=True, exist_ok=True)  # even when nothing survived
     shutil.rmtree(work, ignore_errors=True)
