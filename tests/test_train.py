@@ -13,7 +13,7 @@ import torch
 from llmforge.model.config import ModelConfig
 from llmforge.model.transformer import Transformer
 from llmforge.runs import StageContext
-from llmforge.train import checkpoint, loop
+from llmforge.train import checkpoint, flops, loop
 from llmforge.train.data import RandomWindows, sequential_windows
 from llmforge.train.device import autocast, cpu_has_bf16, pick_device, use_bf16
 from llmforge.train.loop import TrainConfig, lr_at, make_optimizer, train
@@ -451,3 +451,76 @@ def test_throughput_after_resume(tmp_path, monkeypatch):
     train(new_model(), cfg, batches, ctx)  # resumes at step 3: one step until the step-4 log
     rates = [r["tokens_per_s"] for r in read_metrics(ctx) if "tokens_per_s" in r]
     assert rates == [cfg.batch_size * cfg.seq_len] * 2
+
+
+# ---- schedules, update guard, MFU ----------------------------------------------------------
+
+
+def test_wsd_holds_the_peak_then_decays_linearly_to_the_floor():
+    cfg = small_cfg(max_steps=100, warmup_steps=10, schedule="wsd", decay_frac=0.2,
+                    min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(1e-3)
+    assert all(lr_at(s, cfg) == pytest.approx(1e-2) for s in range(10, 81))
+    assert lr_at(90, cfg) == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5))
+    decay = [lr_at(s, cfg) for s in range(80, 100)]
+    assert decay == sorted(decay, reverse=True) and decay[-1] > 1e-3 * 0.99
+
+
+def test_bad_schedule_settings_are_rejected():
+    with pytest.raises(ValueError, match="schedule"):
+        small_cfg(schedule="linear")
+    with pytest.raises(ValueError, match="spike_factor"):
+        small_cfg(spike_factor=0.5)
+
+
+class PoisonedModel(torch.nn.Module):
+    """A model whose loss is NaN on the micro-batches a test chooses."""
+
+    def __init__(self, poison_steps: set[int]):
+        super().__init__()
+        self.inner = new_model()
+        self.cfg = self.inner.cfg
+        self.poison_steps, self.calls = poison_steps, 0
+
+    def forward(self, x, y):
+        self.calls += 1
+        loss = self.inner(x, y)
+        return loss * float("nan") if self.calls in self.poison_steps else loss
+
+
+def test_a_nan_update_is_skipped_and_logged(tmp_path):
+    model = PoisonedModel({3})
+    ctx = make_ctx(tmp_path)
+    summary = train(model, small_cfg(max_steps=6, peak_tflops=1.0),
+                    RandomWindows(TOKENS, 16, 4, seed=0), ctx)
+    assert summary["skipped_updates"] == 1
+    records = read_metrics(ctx)
+    assert [r.get("skipped") for r in records].count("non-finite loss or gradient") == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert summary["final_loss"] < records[0]["loss"]
+
+
+def test_a_loss_spike_is_skipped():
+    guard = loop.UpdateGuard(skip_nonfinite=True, spike_factor=2.0)
+    assert [guard.check(x, 1.0) for x in (3.0, 2.9, 2.8)] == [None, None, None]
+    assert "spike" in guard.check(9.0, 1.0)
+    assert guard.check(2.7, 1.0) is None and guard.skipped == 1
+
+
+def test_mfu_is_logged_against_the_given_peak(tmp_path):
+    ctx = make_ctx(tmp_path)
+    train(new_model(), small_cfg(max_steps=4, peak_tflops=0.001),
+          RandomWindows(TOKENS, 16, 4, seed=0), ctx)
+    logged = [r for r in read_metrics(ctx) if "tokens_per_s" in r]
+    per_token = flops.flops_per_token(CFG, 16)
+    for r in logged:
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * per_token / 1e9, rel=0.01)
+
+
+def test_flops_per_token_counts_matmul_weights_and_attention():
+    cfg = ModelConfig(vocab_size=100, dim=8, n_layers=2, n_heads=2, n_kv_heads=1,
+                      ffn_hidden=16)
+    per_layer = 8 * 8 * 2 + 8 * 4 * 2 + 3 * 8 * 16  # q, o; k, v (kv_dim 4); gate, up, down
+    expected = 6 * (2 * per_layer + 100 * 8) + 12 * 2 * 8 * 32
+    assert flops.flops_per_token(cfg, seq_len=32) == expected
+    assert flops.measured_peak_flops("cpu", False, size=256, repeats=1) > 1e8

@@ -17,7 +17,8 @@ import torch
 
 from llmforge.runs import StageContext
 from llmforge.train import checkpoint
-from llmforge.train.device import DTYPES, autocast
+from llmforge.train.device import DTYPES, autocast, use_bf16
+from llmforge.train.flops import flops_per_token, measured_peak_flops
 
 
 @dataclass
@@ -27,8 +28,12 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 1000
     lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
     warmup_steps: int = 50
+    # cosine: decay from warmup to the end. wsd (warmup-stable-decay): hold lr, then decay
+    # linearly over the last decay_frac of the steps, so a run can be extended before its decay.
+    schedule: str = "cosine"
+    decay_frac: float = 0.2
     weight_decay: float = 0.1  # on matrices only; norms and biases are not decayed
     beta1: float = 0.9
     beta2: float = 0.95
@@ -39,6 +44,11 @@ class TrainConfig:
     ckpt_every: int = 200
     keep_last: int = 2
     log_every: int = 10
+    peak_tflops: float = 0.0  # the hardware's peak for MFU; 0 = measure a matmul at start-up
+    # Skip (and log) an update whose loss or gradient norm is NaN/inf, or whose loss exceeds
+    # spike_factor x the running mean of accepted losses (0 = no spike check).
+    skip_nonfinite: bool = True
+    spike_factor: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every",
@@ -47,8 +57,16 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
             raise ValueError("need lr > 0, 0 <= min_lr_ratio <= 1 and warmup_steps >= 0")
+        if self.schedule not in SCHEDULES or not 0 < self.decay_frac <= 1:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)} with 0 < decay_frac"
+                             f" <= 1, got {self.schedule!r}, {self.decay_frac}")
+        if self.peak_tflops < 0 or (self.spike_factor and self.spike_factor <= 1):
+            raise ValueError("need peak_tflops >= 0 and spike_factor 0 (off) or > 1")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+
+SCHEDULES = ("cosine", "wsd")
 
 
 class BatchSource(Protocol):
@@ -58,9 +76,13 @@ class BatchSource(Protocol):
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps."""
+    """Linear warmup, then cosine or warmup-stable-decay down to lr * min_lr_ratio."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "wsd":
+        decay_start = cfg.max_steps - cfg.decay_frac * cfg.max_steps
+        remaining = 1.0 - max(0.0, step - decay_start) / (cfg.max_steps - decay_start)
+        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * max(0.0, remaining))
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
@@ -92,8 +114,11 @@ def train(
     if start:
         ctx.log.info(f"resumed from step {start}")
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    step_flops = tokens_per_step * flops_per_token(model.cfg, cfg.seq_len)
+    peak = cfg.peak_tflops * 1e12 or measured_peak_flops(device.type, use_bf16(device, cfg.dtype))
     first_loss = history[0]["loss"] if history else None
     last_loss = val_loss = None
+    guard = UpdateGuard(cfg.skip_nonfinite, cfg.spike_factor)
     model.train()
     last_logged, t_last = start, time.perf_counter()
     with ctx.progress("training", cfg.max_steps) as update:
@@ -110,17 +135,25 @@ def train(
                 loss.backward()
                 loss_sum += loss.item()
             grad_norm = _clip(model, cfg.grad_clip)
-            optimizer.step()
+            skipped = guard.check(loss_sum, grad_norm)
+            if skipped:
+                ctx.log.warning(f"step {step + 1}: update skipped ({skipped})")
+            else:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
             record = {"step": done, "loss": round(loss_sum, 5), "lr": lr}
+            if skipped:
+                record["skipped"] = skipped
             first_loss = record["loss"] if first_loss is None else first_loss
             last_loss = record["loss"]
             logging_step = done % cfg.log_every == 0 or done == cfg.max_steps
             if logging_step:
                 elapsed = time.perf_counter() - t_last
-                record |= {"grad_norm": round(grad_norm, 4), "tokens_per_s":
-                           round((done - last_logged) * tokens_per_step / elapsed, 1)}
+                steps_per_s = (done - last_logged) / elapsed
+                record |= {"grad_norm": round(grad_norm, 4),
+                           "tokens_per_s": round(steps_per_s * tokens_per_step, 1),
+                           "mfu": round(steps_per_s * step_flops / peak, 4)}
             if evaluate and (done % cfg.eval_every == 0 or done == cfg.max_steps):
                 val_loss = evaluate()
                 record["val_loss"] = round(val_loss, 5)
@@ -133,7 +166,34 @@ def train(
             if logging_step:  # evaluation and checkpoint time do not count against throughput
                 last_logged, t_last = done, time.perf_counter()
     return {"steps": cfg.max_steps, "first_loss": first_loss, "final_loss": last_loss,
-            "val_loss": val_loss, "tokens_seen": cfg.max_steps * tokens_per_step}
+            "val_loss": val_loss, "tokens_seen": cfg.max_steps * tokens_per_step,
+            "skipped_updates": guard.skipped, "peak_tflops": round(peak / 1e12, 3)}
+
+
+class UpdateGuard:
+    """Decides whether an update is safe to apply: a NaN/inf or a loss spike is skipped (and
+    counted) instead of poisoning the weights and the optimizer state."""
+
+    def __init__(self, skip_nonfinite: bool, spike_factor: float, momentum: float = 0.9):
+        self.skip_nonfinite = skip_nonfinite
+        self.spike_factor = spike_factor
+        self.momentum = momentum
+        self.mean: float | None = None
+        self.skipped = 0
+
+    def check(self, loss: float, grad_norm: float) -> str | None:
+        """The reason to skip this update, or None to apply it."""
+        reason = None
+        if self.skip_nonfinite and not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            reason = "non-finite loss or gradient"
+        elif self.spike_factor and self.mean is not None and loss > self.spike_factor * self.mean:
+            reason = f"loss spike: {loss:.3f} > {self.spike_factor} x mean {self.mean:.3f}"
+        if reason:
+            self.skipped += 1
+            return reason
+        m = self.momentum
+        self.mean = loss if self.mean is None else m * self.mean + (1 - m) * loss
+        return None
 
 
 def _clip(model: torch.nn.Module, max_norm: float) -> float:
