@@ -51,7 +51,7 @@ def tokens_per_second(model, loss_fn, steps: int, batch: int, seq: int, device, 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     data = torch.randint(0, CONFIG.vocab_size, (steps + 2, batch, seq + 1), device=device)
     model.train()
-    for i in range(steps + 2):  # two warm-up steps
+    for i in range(steps + 2):  # two warm-up steps (they also compile, when asked)
         if i == 2:
             start = time.perf_counter()
         x, y = data[i, :, :-1], data[i, :, 1:]
@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    parser.add_argument("--compile", action="store_true",
+                        help="also time both models under torch.compile (warm-up compiles)")
     args = parser.parse_args()
     device = pick_device()
     bf16 = use_bf16(device, args.dtype)
@@ -84,9 +86,14 @@ def main() -> None:
     print(f"model: {sum(p.numel() for p in Transformer(CONFIG).parameters()) / 1e6:.1f}M "
           f"parameters, batch {args.batch} x {args.seq}, {args.steps} timed steps")
     rows = []
-    for name, build, loss_fn in (("llmforge", lambda: Transformer(CONFIG), ours_loss),
-                                 ("transformers LlamaForCausalLM", lambda: hf_model(CONFIG),
-                                  hf_loss)):
+    candidates = [("llmforge", lambda: Transformer(CONFIG), ours_loss),
+                  ("transformers LlamaForCausalLM", lambda: hf_model(CONFIG), hf_loss)]
+    if args.compile:
+        candidates += [("llmforge + torch.compile",
+                        lambda: torch.compile(Transformer(CONFIG)), ours_loss),
+                       ("transformers + torch.compile",
+                        lambda: torch.compile(hf_model(CONFIG)), hf_loss)]
+    for name, build, loss_fn in candidates:
         torch.manual_seed(0)
         model = build().to(device)
         tps = tokens_per_second(model, loss_fn, args.steps, args.batch, args.seq, device,

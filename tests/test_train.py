@@ -524,3 +524,16 @@ def test_flops_per_token_counts_matmul_weights_and_attention():
     expected = 6 * (2 * per_layer + 100 * 8) + 12 * 2 * 8 * 32
     assert flops.flops_per_token(cfg, seq_len=32) == expected
     assert flops.measured_peak_flops("cpu", False, size=256, repeats=1) > 1e8
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    eager, compiled = new_model(), new_model()
+    batches = RandomWindows(TOKENS, 16, 4, seed=0)
+    train(eager, small_cfg(max_steps=3, peak_tflops=1.0), batches, make_ctx(tmp_path, "eager"))
+    train(compiled, small_cfg(max_steps=3, peak_tflops=1.0, compile=True), batches,
+          make_ctx(tmp_path, "compiled"))
+    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values(),
+                            strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    assert not any(k.startswith("_orig_mod") for k in compiled.state_dict())

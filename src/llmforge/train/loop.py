@@ -45,6 +45,7 @@ class TrainConfig:
     keep_last: int = 2
     log_every: int = 10
     peak_tflops: float = 0.0  # the hardware's peak for MFU; 0 = measure a matmul at start-up
+    compile: bool = False  # torch.compile the forward + loss (first steps pay for compiling)
     # Skip (and log) an update whose loss or gradient norm is NaN/inf, or whose loss exceeds
     # spike_factor x the running mean of accepted losses (0 = no spike check).
     skip_nonfinite: bool = True
@@ -119,6 +120,8 @@ def train(
     first_loss = history[0]["loss"] if history else None
     last_loss = val_loss = None
     guard = UpdateGuard(cfg.skip_nonfinite, cfg.spike_factor)
+    # Checkpoints keep using `model`: the compiled wrapper shares its parameters.
+    forward = torch.compile(model) if cfg.compile else model
     model.train()
     last_logged, t_last = start, time.perf_counter()
     with ctx.progress("training", cfg.max_steps) as update:
@@ -131,7 +134,7 @@ def train(
             for micro in range(cfg.grad_accum):
                 x, y = batches(step, micro)
                 with autocast(device, cfg.dtype):
-                    loss = model(x.to(device), y.to(device)) / cfg.grad_accum
+                    loss = forward(x.to(device), y.to(device)) / cfg.grad_accum
                 loss.backward()
                 loss_sum += loss.item()
             grad_norm = _clip(model, cfg.grad_clip)
