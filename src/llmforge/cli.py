@@ -87,8 +87,9 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", nargs="?", help="YAML recipe (default: the built-in demo recipe)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides, e.g. train.lr=3e-4 model.n_layers=6")
-    p.add_argument("--data", help="folder or glob of .txt/.jsonl/.parquet files to use "
-                   "instead of the built-in corpus (sets data.source)")
+    p.add_argument("--data", help="a folder, glob or hf://owner/name of text (.txt, .jsonl[.gz|"
+                   ".zst], .parquet, .csv, WARC/WET), or several joined by commas, instead of "
+                   "the built-in corpus (sets data.source)")
     p.add_argument("--force", nargs="*", metavar="STAGE", default=None,
                    help="rerun these stages (default with no names: the stage asked for) and, "
                    "through their new outputs, everything downstream")
