@@ -14,11 +14,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from llmforge.config import load_recipe
 from llmforge.data import DataConfig, curate
-from llmforge.data.steps import WEB_STEPS
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 WIKITEXT = SHARED / "wikitext-2-raw" / "wiki.test.raw"
+WEB_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "web-data.yaml"
 STEPS = ["clean", "length", "gopher_repetition", "gopher_quality", "exact_dedup",
          "minhash_dedup", "pii"]
 
@@ -95,7 +96,8 @@ def test_ray_executor_matches_local(corpus, tmp_path):
 def test_killed_run_resumes_to_the_uninterrupted_result(corpus, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(json.dumps({"name": "kill", "data": {
-        "source": str(corpus), "steps": WEB_STEPS, "workers": 1, "shard_mb": 1}}))
+        "source": str(corpus), "steps": load_recipe(WEB_RECIPE).data.steps, "workers": 1,
+        "shard_mb": 1}}))
     cmd = [sys.executable, "-m", "llmforge", "data", str(recipe)]
     work = tmp_path / "runs" / "kill" / "data" / "work"
     proc = subprocess.Popen([*cmd, f"run_dir={tmp_path / 'runs'}"], stdout=subprocess.DEVNULL,

@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
                        "(no download): writes runs/demo/ and runs/demo/report.html.")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--force", nargs="*", metavar="STAGE", default=(), help="rerun these stages")
-    p.set_defaults(handler=_demo, recipe=None, data=None)
+    p.set_defaults(handler=lambda a: _run_stages(a, None), recipe=None, data=None)
     p = sub.add_parser("chat", help="chat with a model directory in the terminal (streaming)",
                        description="Reads a model directory (ours or a Hugging Face Llama one, "
                        "with tokenizer.json) and streams replies. /reset clears the history, "
@@ -113,10 +113,6 @@ def _run_stages(args: argparse.Namespace, targets: list[str] | None) -> int:
     if "export" in targets:
         console.print(f"chat with the model: [bold]llmforge chat {recipe.root / 'export/model'}")
     return 0
-
-
-def _demo(args: argparse.Namespace) -> int:
-    return _run_stages(args, None)
 
 
 def _demo_recipe() -> Path:

@@ -31,7 +31,7 @@ from llmforge.tokenizer import (
     train_tokenizer,
 )
 from llmforge.train import loop
-from llmforge.train.data import RandomWindows, sequential_windows
+from llmforge.train.data import RandomWindows, count_windows, sequential_windows
 from llmforge.train.device import pick_device
 
 
@@ -127,9 +127,7 @@ def run_eval(ctx: StageContext) -> dict:
     cfg = ctx.recipe.eval
     tok = load_tokenizer(_tokenizer_path(ctx))
     val_tokens = open_shard(ctx.input("tokenize"), "val").tokens
-    n_windows = (len(val_tokens) - 1) // cfg.seq_len
-    if cfg.max_val_windows:
-        n_windows = min(n_windows, cfg.max_val_windows)
+    n_windows = count_windows(len(val_tokens), cfg.seq_len, cfg.max_val_windows)
     covered = val_tokens[1 : n_windows * cfg.seq_len + 1]
     n_bytes = len(tok.decode(covered.tolist()).encode("utf-8"))
     unigram = json.loads((ctx.input("tokenize") / "shards.json").read_text())["unigram_nats"]

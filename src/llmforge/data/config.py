@@ -24,7 +24,7 @@ class DataConfig:
     # Field of a .jsonl object / column of a .parquet or .csv file that holds the document text.
     text_field: str = "text"
     # The steps, in order (see data/steps.py for names and parameters). The default suits code
-    # and is what the demo uses; data.steps.WEB_STEPS is the FineWeb-style chain for web text.
+    # and is what the demo uses; recipes/web-data.yaml has the FineWeb-style chain for web text.
     steps: list[Any] = field(default_factory=_code_steps)
     executor: str = "local"  # local (processes on this machine) | ray
     workers: int = 0  # 0 = one per CPU core (local) or the cluster's (ray)

@@ -163,7 +163,8 @@ def _inputs(task: Task, tally: Tally) -> Iterator[tuple[Document, tuple | None]]
         return
     work = Path(task.work)
     previous = work / f"seg{task.segment - 1}" / f"part-{task.shard:05d}.parquet"
-    decisions = _load_decisions(work / f"barrier{task.segment - 1}" / f"drop-{task.shard:05d}.json")
+    decisions = json.loads(
+        (work / f"barrier{task.segment - 1}" / f"drop-{task.shard:05d}.json").read_text())
     barrier_name = decisions.pop("__step__", "dedup")
     row = 0
     for batch in pq.ParquetFile(previous).iter_batches(batch_size=1024):
@@ -234,10 +235,6 @@ def _decide(barrier: Any, segment: int, n_shards: int, work: Path, out_dir: Path
     return stats
 
 
-def _load_decisions(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
 # ---- accounting ----------------------------------------------------------------------------
 
 
@@ -254,8 +251,7 @@ class Tally:
         self.words = 0
 
     def _step(self, name: str) -> dict:
-        return self.steps.setdefault(name, {"in": 0, "in_chars": 0, "kept": 0, "kept_chars": 0,
-                                            "modified": 0, "dropped": Counter()})
+        return self.steps.setdefault(name, _empty_step())
 
     def entered(self, name: str, doc: Document) -> None:
         s = self._step(name)
@@ -289,6 +285,13 @@ class Tally:
                 "kept_words": self.words}
 
 
+COUNTS = ("in", "in_chars", "kept", "kept_chars", "modified")
+
+
+def _empty_step() -> dict:
+    return {**dict.fromkeys(COUNTS, 0), "dropped": Counter()}
+
+
 def _bin(n: int) -> int:
     return bisect_right(LENGTH_BINS, n) - 1
 
@@ -310,9 +313,8 @@ def _summarise(stats: list[dict], barriers: dict[str, dict], order: list[str]) -
         kept_lengths += t["kept_lengths"]
         dropped_lengths += t["dropped_lengths"]
         for name, s in t["steps"].items():
-            agg = steps.setdefault(name, {"in": 0, "in_chars": 0, "kept": 0, "kept_chars": 0,
-                                          "modified": 0, "dropped": Counter()})
-            for key in ("in", "in_chars", "kept", "kept_chars", "modified"):
+            agg = steps.setdefault(name, _empty_step())
+            for key in COUNTS:
                 agg[key] += s[key]
             agg["dropped"].update(s["dropped"])
             dropped.update(s["dropped"])

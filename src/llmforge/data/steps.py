@@ -36,9 +36,6 @@ STEPS: dict[str, type] = {cls.name: cls for cls in (
 
 # Code and other text that web-prose heuristics would wrongly reject (the built-in corpus).
 CODE_STEPS = ["clean", "exact_dedup", "length", "longest_line", "alpha", "generated"]
-# Web text, after FineWeb: quality heuristics, English, near-dedup, then PII redaction.
-WEB_STEPS = ["clean", "length", "gopher_repetition", "gopher_quality", "c4", "fineweb_quality",
-             "language", "toxicity", "exact_dedup", "minhash_dedup", "pii"]
 
 
 def build_steps(specs: list[Any]) -> list[Any]:

@@ -23,11 +23,15 @@ class RandomWindows:
         return batch[:, :-1], batch[:, 1:]
 
 
+def count_windows(n_tokens: int, seq_len: int, max_windows: int = 0) -> int:
+    """How many whole windows `sequential_windows` yields (0 max_windows = no limit)."""
+    n_windows = (n_tokens - 1) // seq_len
+    return min(n_windows, max_windows) if max_windows else n_windows
+
+
 def sequential_windows(tokens: np.ndarray, seq_len: int, batch_size: int, max_windows: int = 0):
     """Non-overlapping windows covering the stream in order (for validation): yields (x, y)."""
-    n_windows = (len(tokens) - 1) // seq_len
-    if max_windows:
-        n_windows = min(n_windows, max_windows)
+    n_windows = count_windows(len(tokens), seq_len, max_windows)
     for first in range(0, n_windows, batch_size):
         idx = range(first, min(first + batch_size, n_windows))
         rows = np.stack([tokens[i * seq_len : i * seq_len + seq_len + 1] for i in idx])

@@ -70,15 +70,6 @@ class MinHashDedup:
         if self.against and not Path(self.against).is_file():
             raise ValueError(f"minhash_dedup.against: no such index file: {self.against}")
 
-    def __getstate__(self) -> dict:  # the hasher is rebuilt from the parameters in each worker
-        return {k: getattr(self, k) for k in ("n_grams", "buckets", "hashes_per_bucket", "seed",
-                                              "against")}
-
-    def __setstate__(self, state: dict) -> None:
-        for k, v in state.items():
-            object.__setattr__(self, k, v)
-        self.__post_init__()
-
     def signature(self, doc: Document) -> np.ndarray:
         return self._hasher.signature(doc.text)
 
