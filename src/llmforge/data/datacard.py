@@ -17,7 +17,7 @@ from jinja2 import Environment
 from markupsafe import Markup
 from matplotlib.figure import Figure
 
-from llmforge.report.html import BASE_CSS, fmt, png_base64, scalar_items
+from llmforge.report.html import BASE_CSS, PAGE_HEAD, fmt, png_base64, scalar_items
 
 TOP_REASONS = 20
 EXAMPLES_SHOWN = 3
@@ -293,14 +293,7 @@ def _html(title: str, sections: list[Section]) -> str:
                                             sections=sections)
 
 
-TEMPLATE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>{{ title }}</title>
-<style>
-{{ base_css }}
-caption { text-align: left; font-weight: bold; padding: .3em 0; }
+TEMPLATE = PAGE_HEAD + """caption { text-align: left; font-weight: bold; padding: .3em 0; }
 pre { margin: .3em 0 1em; }
 .note { color: #666; font-style: italic; }
 img { max-width: 100%; display: block; }

@@ -284,14 +284,17 @@ th, td { border: 1px solid #ddd; padding: .25em .7em; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 pre { background: #f6f8fa; padding: .6em; white-space: pre-wrap; word-break: break-word; }"""
 
-TEMPLATE = """<!doctype html>
+# Start of every llmforge page, up to its own style rules.
+PAGE_HEAD = """<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <title>{{ title }}</title>
 <style>
 {{ base_css }}
-pre { margin: .3em 0; }
+"""
+
+TEMPLATE = PAGE_HEAD + """pre { margin: .3em 0; }
 .not-run { color: #888; font-style: italic; }
 .tables { display: flex; gap: 2em; flex-wrap: wrap; }
 .side { display: grid; grid-template-columns: repeat({{ samples.columns|length
