@@ -16,7 +16,8 @@ from llmforge.runs import StageContext
 from llmforge.train import checkpoint, flops, loop
 from llmforge.train.data import RandomWindows, sequential_windows
 from llmforge.train.device import autocast, cpu_has_bf16, pick_device, use_bf16
-from llmforge.train.loop import TrainConfig, lr_at, make_optimizer, train
+from llmforge.train.loop import TrainConfig, lr_at, make_optimizers, train
+from llmforge.train.muon import Muon
 
 CFG = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
 # A periodic stream: easy to learn, so a few steps must bring the loss down.
@@ -92,7 +93,7 @@ def test_weight_decay_only_on_matrices():
     model = new_model()
     model.norm.weight.requires_grad_(False)  # frozen parameters are not optimised at all
     cfg = TrainConfig(weight_decay=0.1, lr=0.5, beta1=0.8, beta2=0.9)
-    opt = make_optimizer(model, cfg)
+    (opt,) = make_optimizers(model, cfg)
     decay, no_decay = opt.param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
@@ -126,6 +127,20 @@ def test_random_windows_are_a_pure_function_of_step_and_micro():
     for row in x:
         start = int(row[0])
         assert torch.equal(row, torch.from_numpy(stream[start : start + 16].astype(np.int64)))
+
+
+def test_ranks_split_the_global_batch_without_overlap_or_gap():
+    whole = RandomWindows(TOKENS, 16, 6, seed=2)(4, 1)[0]
+    halves = [RandomWindows(TOKENS, 16, 3, seed=2, rank=r, world_size=2)(4, 1)[0]
+              for r in range(2)]
+    assert torch.equal(torch.cat(halves), whole)
+
+
+def test_document_ids_count_document_starts():
+    tokens = np.array([0, 5, 6, 0, 7, 8, 9, 0, 4, 4], dtype=np.uint16)
+    x, y, doc_ids = RandomWindows(tokens, 9, 1, seed=0, doc_start=0)(0, 0)
+    assert torch.equal(doc_ids, (x == 0).cumsum(1))
+    assert doc_ids.tolist() == [[1, 1, 1, 2, 2, 2, 2, 3, 3]]
 
 
 def test_random_windows_stay_inside_the_stream():
@@ -208,17 +223,18 @@ def test_pick_device(monkeypatch):
 def test_checkpoint_round_trip(tmp_path):
     model = new_model(0)
     cfg = small_cfg()
-    opt = make_optimizer(model, cfg)
+    (opt,) = make_optimizers(model, cfg)
     x, y = RandomWindows(TOKENS, 16, 4, seed=0)(0, 0)
     model(x, y).backward()
     opt.step()
-    path = checkpoint.save(tmp_path, 5, model, opt)
+    path = checkpoint.save(tmp_path, 5, model, [opt], extra={"note": "kept"})
     assert path == tmp_path / "step_0000005"
-    assert json.loads((path / "state.json").read_text()) == {"step": 5}
+    state = {"step": 5, "world_size": 1, "note": "kept"}
+    assert json.loads((path / "state.json").read_text()) == state
 
     other = new_model(1)
-    other_opt = make_optimizer(other, cfg)
-    assert checkpoint.resume(tmp_path, other, other_opt) == 5
+    (other_opt,) = make_optimizers(other, cfg)
+    assert checkpoint.resume(tmp_path, other, [other_opt]) == (5, state)
     assert_same_weights(model, other)
     saved, loaded = opt.state_dict()["state"], other_opt.state_dict()["state"]
     assert saved.keys() == loaded.keys()
@@ -229,13 +245,14 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_resume_without_checkpoints_is_step_zero(tmp_path):
     model = new_model()
-    assert checkpoint.resume(tmp_path / "none", model, make_optimizer(model, small_cfg())) == 0
+    optimizers = make_optimizers(model, small_cfg())
+    assert checkpoint.resume(tmp_path / "none", model, optimizers) == (0, {})
     assert checkpoint.list_checkpoints(tmp_path / "none") == []
 
 
 def test_keep_last(tmp_path):
     model = new_model()
-    opt = make_optimizer(model, small_cfg())
+    opt = make_optimizers(model, small_cfg())
     for step in (1, 2, 3, 10):
         checkpoint.save(tmp_path / "k2", step, model, opt, keep_last=2)
         checkpoint.save(tmp_path / "all", step, model, opt, keep_last=0)
@@ -246,20 +263,21 @@ def test_keep_last(tmp_path):
 
 def test_leftover_tmp_checkpoint_is_ignored(tmp_path):
     model = new_model()
-    opt = make_optimizer(model, small_cfg())
+    opt = make_optimizers(model, small_cfg())
     checkpoint.save(tmp_path, 2, model, opt)
     junk = tmp_path / ".tmp_step_0000004"  # a save killed halfway
     junk.mkdir()
-    (junk / "model.safetensors").write_bytes(b"not a safetensors file")
+    (junk / ".metadata").write_bytes(b"not a DCP metadata file")
     (tmp_path / "step_0000009.txt").write_text("a file, not a checkpoint")
     assert checkpoint.list_checkpoints(tmp_path) == [tmp_path / "step_0000002"]
-    assert checkpoint.resume(tmp_path, new_model(1), make_optimizer(model, small_cfg())) == 2
+    other = new_model(1)
+    assert checkpoint.resume(tmp_path, other, make_optimizers(other, small_cfg()))[0] == 2
 
 
 def test_train_ignores_leftover_tmp_checkpoint(tmp_path):
     ctx = make_ctx(tmp_path)
     model = new_model()
-    checkpoint.save(ctx.dir / "checkpoints", 4, model, make_optimizer(model, small_cfg()))
+    checkpoint.save(ctx.dir / "checkpoints", 4, model, make_optimizers(model, small_cfg()))
     junk = ctx.dir / "checkpoints" / ".tmp_step_0000006"
     junk.mkdir()
     (junk / "model.safetensors").write_bytes(b"garbage")
@@ -306,6 +324,22 @@ def test_loss_goes_down(tmp_path):
     assert records[0]["loss"] == round(summary["first_loss"], 5)
     assert records[-1]["loss"] == round(summary["final_loss"], 5)
     assert checkpoint_names(ctx) == ["step_0000010", "step_0000020"]
+
+
+def test_muon_with_checkpointing_and_trackers(tmp_path):
+    ctx = make_ctx(tmp_path)
+    model = new_model()
+    cfg = small_cfg(seq_len=32, max_steps=20, lr=2e-2, optimizer="muon", log_every=5,
+                    activation_checkpointing=True,
+                    tracking=loop.TrackingConfig(tensorboard=True))
+    summary = train(model, cfg, RandomWindows(TOKENS, 32, 4, seed=0), ctx)
+    assert summary["final_loss"] < 0.25 * summary["first_loss"]
+    muon, adamw = make_optimizers(model, cfg)
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert model.layers[0].attn.wq.weight in muon.param_groups[0]["params"]
+    logged = [r for r in read_metrics(ctx) if "tokens_per_s" in r]
+    assert logged and all(r["mem_gib"] > 0 for r in logged)  # peak memory on logging steps
+    assert list((ctx.dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_grad_accum_draws_every_micro_batch(tmp_path):
@@ -363,12 +397,19 @@ def test_resume_is_exact(tmp_path):
     assert_same_weights(full, resumed)
     assert summary["final_loss"] == full_summary["final_loss"]
     # The optimizer state is restored too: the final checkpoints are identical.
-    final = "checkpoints/step_0000008/optimizer.pt"
-    a = torch.load(full_ctx.dir / final, weights_only=True)["state"]
-    b = torch.load(ctx.dir / final, weights_only=True)["state"]
+    a, b = (checkpointed_optimizer(c.dir / "checkpoints", cfg) for c in (full_ctx, ctx))
+    assert a.keys() == b.keys()
     for key in a:
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name])
+
+
+def checkpointed_optimizer(root: Path, cfg: TrainConfig) -> dict:
+    """The optimizer state of the newest checkpoint under root."""
+    model = new_model(seed=9)
+    (optimizer,) = make_optimizers(model, cfg)
+    checkpoint.resume(root, model, [optimizer])
+    return optimizer.state_dict()["state"]
 
 
 def test_resume_right_after_a_checkpoint_is_exact(tmp_path):
@@ -482,9 +523,9 @@ class PoisonedModel(torch.nn.Module):
         self.cfg = self.inner.cfg
         self.poison_steps, self.calls = poison_steps, 0
 
-    def forward(self, x, y):
+    def forward(self, x, y, doc_ids=None):
         self.calls += 1
-        loss = self.inner(x, y)
+        loss = self.inner(x, y, doc_ids=doc_ids)
         return loss * float("nan") if self.calls in self.poison_steps else loss
 
 

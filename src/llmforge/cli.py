@@ -96,6 +96,7 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_stages(args: argparse.Namespace, targets: list[str] | None) -> int:
+    from llmforge import distributed
     from llmforge.config import load_recipe, to_dict
     from llmforge.runs import Runner, console
     from llmforge.stages import STAGES
@@ -108,7 +109,13 @@ def _run_stages(args: argparse.Namespace, targets: list[str] | None) -> int:
     recipe = load_recipe(recipe_path or _demo_recipe(), overrides)
     targets = targets or recipe.stages
     force = tuple(targets if args.force == [] else args.force or ())
-    Runner(recipe, STAGES, to_dict).run(targets, force=force)
+    dist = distributed.init_from_env()  # under torchrun: join the process group
+    try:
+        Runner(recipe, STAGES, to_dict).run(targets, force=force)
+    finally:
+        distributed.shutdown()
+    if not dist.is_main:
+        return 0
     console.print(f"[bold]outputs:[/] {recipe.root}")
     if "export" in targets:
         console.print(f"chat with the model: [bold]llmforge chat {recipe.root / 'export/model'}")

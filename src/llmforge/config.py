@@ -17,6 +17,7 @@ import yaml
 from llmforge.align.sft import SFTConfig
 from llmforge.data.config import DataConfig
 from llmforge.eval.evaluate import EvalConfig
+from llmforge.model import presets
 from llmforge.model.config import ModelConfig
 from llmforge.schema import ConfigError, build
 from llmforge.tokenizer.bpe import TokenizerConfig
@@ -84,6 +85,11 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         except yaml.YAMLError as e:
             raise ConfigError(f"{key}: cannot parse value {value!r}{_yaml_problem(e)}") from None
         _set_dotted(raw, key.split("."), parsed)
+    if isinstance(raw.get("model"), dict):
+        try:
+            raw["model"] = presets.resolve(raw["model"])
+        except ValueError as e:
+            raise ConfigError(f"model.preset: {e}") from None
     return validate(build(Recipe, raw, ""))
 
 

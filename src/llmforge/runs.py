@@ -34,6 +34,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from llmforge import distributed
+
 console = Console(stderr=True)
 
 
@@ -47,12 +49,15 @@ class StageContext:
     recipe: Any
     log: logging.Logger
     upstream: dict[str, Path] = field(default_factory=dict)
+    is_main: bool = True  # False on torchrun ranks > 0: they compute but write nothing shared
 
     def input(self, stage: str) -> Path:
         return self.upstream[stage]
 
     def metrics(self, **record: Any) -> None:
         """Append one JSON line to metrics.jsonl (a stage's time series: loss curves and such)."""
+        if not self.is_main:
+            return
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -69,12 +74,16 @@ class StageContext:
                 continue
             if record.get("step", 0) <= step:
                 kept.append(record)
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if self.is_main:
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         return kept
 
     @contextlib.contextmanager
     def progress(self, description: str, total: int | None) -> Iterator[Callable[..., None]]:
         """A rich progress bar; yields `update(completed=..., **fields)`."""
+        if not self.is_main:
+            yield lambda completed, info="": None
+            return
         columns = [
             TextColumn(f"[bold]{self.name}[/] {description}"),
             BarColumn(),
@@ -99,6 +108,7 @@ class Stage:
     needs: tuple[str, ...]
     settings: Callable[[Any], Any]  # the part of the recipe this stage depends on
     run: Callable[[StageContext], dict]
+    distributed: bool = False  # under torchrun every rank runs it; else rank 0 alone does
 
 
 def fingerprint(settings: Any, upstream_ids: dict[str, str]) -> str:
@@ -158,15 +168,33 @@ class Runner:
         fp = fingerprint(settings, upstream_ids)
         done = read_summary(stage_dir)
         if done and done.get("fingerprint") == fp and not force:
-            console.print(f"[green]✓[/] {stage.name}: up to date, skipped ({stage_dir})")
+            if distributed.info().is_main:
+                console.print(f"[green]✓[/] {stage.name}: up to date, skipped ({stage_dir})")
             return done
+        is_main = distributed.info().is_main
+        if is_main:
+            self._prepare(stage_dir, fp, settings, force, done)
+        if stage.distributed:
+            distributed.barrier()  # nobody writes into the directory before rank 0 has reset it
+        if stage.distributed or is_main:
+            summary = self._execute(stage, stage_dir, fp, upstream_ids, is_main)
+        distributed.barrier()  # the summary is written: every rank takes rank 0's run id
+        return summary if is_main else read_summary(stage_dir)
+
+    @staticmethod
+    def _prepare(stage_dir: Path, fp: str, settings: Any, force: bool, done: dict | None) -> None:
+        """Start a stage's directory afresh, unless it holds an interrupted run of this very
+        configuration that can resume."""
         started = stage_dir / "config.yaml"
         if force or done or not started.is_file() or _stored_fingerprint(started) != fp:
             shutil.rmtree(stage_dir, ignore_errors=True)  # stale outputs must not mix with new
         stage_dir.mkdir(parents=True, exist_ok=True)
         resolved = {"fingerprint": fp, "settings": settings}
         started.write_text(yaml.safe_dump(resolved, sort_keys=False))
-        log = _stage_logger(stage.name, stage_dir / "log.txt")
+
+    def _execute(self, stage: Stage, stage_dir: Path, fp: str, upstream_ids: dict[str, str],
+                 is_main: bool) -> dict:
+        log = _stage_logger(stage.name, stage_dir / "log.txt" if is_main else None)
         ctx = StageContext(
             name=stage.name,
             dir=stage_dir,
@@ -174,8 +202,10 @@ class Runner:
             recipe=self.recipe,
             log=log,
             upstream={d: self.root / d for d in stage.needs},
+            is_main=is_main,
         )
-        console.rule(f"[bold]{stage.name}[/]")
+        if is_main:
+            console.rule(f"[bold]{stage.name}[/]")
         t0 = time.perf_counter()
         try:
             summary = stage.run(ctx)
@@ -191,10 +221,11 @@ class Runner:
             "upstream": upstream_ids,
             "elapsed_s": round(time.perf_counter() - t0, 2),
         }
-        tmp = stage_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(stage_dir / "summary.json")  # atomic: a summary exists only for finished work
-        console.print(f"[green]✓[/] {stage.name} done in {summary['elapsed_s']:.1f}s")
+        if is_main:
+            tmp = stage_dir / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2))
+            tmp.replace(stage_dir / "summary.json")  # atomic: only finished work has a summary
+            console.print(f"[green]✓[/] {stage.name} done in {summary['elapsed_s']:.1f}s")
         return summary
 
 
@@ -205,12 +236,14 @@ def _stored_fingerprint(path: Path) -> str | None:
         return None
 
 
-def _stage_logger(name: str, path: Path) -> logging.Logger:
+def _stage_logger(name: str, path: Path | None) -> logging.Logger:
+    """Log to the stage's log.txt and the console; without a path (ranks > 0), warnings only."""
     log = logging.getLogger(f"llmforge.{name}")
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.INFO if path else logging.WARNING)
     log.propagate = False
-    file_handler = logging.FileHandler(path)
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(file_handler)
+    if path:
+        file_handler = logging.FileHandler(path)
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(file_handler)
     log.addHandler(RichHandler(console=console, show_path=False, show_time=False))
     return log

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from llmforge import distributed
 from llmforge.align import sft
 from llmforge.data import curate
 from llmforge.data.datacard import write_datacard
@@ -24,6 +25,7 @@ from llmforge.model.transformer import Transformer
 from llmforge.report import write_report
 from llmforge.runs import Stage, StageContext, files_digest
 from llmforge.tokenizer import (
+    BOS,
     CHAT_TEMPLATE,
     load_tokenizer,
     open_shard,
@@ -33,6 +35,7 @@ from llmforge.tokenizer import (
 from llmforge.train import loop
 from llmforge.train.data import RandomWindows, count_windows, sequential_windows
 from llmforge.train.device import pick_device
+from llmforge.train.parallel import full_state_dict
 
 
 def run_data(ctx: StageContext) -> dict:
@@ -78,9 +81,12 @@ def run_pretrain(ctx: StageContext) -> dict:
     shards = ctx.input("tokenize")
     train_tokens = open_shard(shards, "train").tokens
     val_tokens = open_shard(shards, "val").tokens
-    batches = RandomWindows(train_tokens, cfg.seq_len, cfg.batch_size, recipe.seed)
+    dist = distributed.info()
+    doc_start = tok.token_to_id(BOS) if cfg.doc_masking else None
+    batches = RandomWindows(train_tokens, cfg.seq_len, cfg.batch_size, recipe.seed,
+                            rank=dist.rank, world_size=dist.world_size, doc_start=doc_start)
 
-    def val_loss() -> float:
+    def val_loss() -> float:  # every rank evaluates the same windows (FSDP2 needs them all)
         windows = sequential_windows(
             val_tokens, cfg.seq_len, cfg.batch_size, max_windows=cfg.eval_batches * cfg.batch_size
         )
@@ -116,7 +122,9 @@ def run_sft(ctx: StageContext) -> dict:
         return total / count
 
     before = val_loss()
-    batches = sft.ExampleBatches(train_rows, cfg.train.batch_size, pad, recipe.seed)
+    dist = distributed.info()
+    batches = sft.ExampleBatches(train_rows, cfg.train.batch_size, pad, recipe.seed,
+                                 rank=dist.rank, world_size=dist.world_size)
     summary = loop.train(model, cfg.train, batches, ctx, evaluate=val_loss)
     _save_model_dir(model, ctx, tok_path=_tokenizer_path(ctx))
     return {**summary, "val_loss_before": before, "train_examples": len(train_rows),
@@ -186,8 +194,11 @@ def _tokenizer_path(ctx: StageContext) -> Path:
 
 
 def _save_model_dir(model: Transformer, ctx: StageContext, tok_path: Path) -> None:
-    save_model(model, ctx.dir / "model")
-    shutil.copy(tok_path, ctx.dir / "model" / "tokenizer.json")
+    """The trained model as a model directory, written once (by rank 0 under torchrun)."""
+    state = full_state_dict(model)  # collective: every rank takes part
+    if ctx.is_main:
+        save_model(model, ctx.dir / "model", state=state)
+        shutil.copy(tok_path, ctx.dir / "model" / "tokenizer.json")
 
 
 def _data_settings(r):
@@ -215,11 +226,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           "document index, shards.json",
           ("data", "tokenizer"), lambda r: r.tokenize, run_tokenize),
     Stage("pretrain", "token shards -> pretrain/model/ (+ checkpoints/, metrics.jsonl); "
-          "resumes if interrupted", ("tokenizer", "tokenize"), _model_settings,
-          run_pretrain),
+          "resumes if interrupted; every rank trains under torchrun", ("tokenizer", "tokenize"),
+          _model_settings, run_pretrain, distributed=True),
     Stage("sft", "pretrain/model + docstring->code chats from the documents -> sft/model/ "
           "(loss on assistant tokens only)", ("data", "tokenizer", "pretrain"),
-          _sft_settings, run_sft),
+          _sft_settings, run_sft, distributed=True),
     Stage("eval", "pretrain/model, sft/model + val shard -> eval/eval.json (val loss, bits "
           "per byte, greedy samples)",
           ("tokenizer", "tokenize", "pretrain", "sft"), lambda r: r.eval, run_eval),

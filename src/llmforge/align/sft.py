@@ -16,12 +16,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tokenizers import Tokenizer
 
 from llmforge.data.documents import document_batches
 from llmforge.tokenizer.chat import render_chat
+from llmforge.train.data import draw_indices
 from llmforge.train.loop import TrainConfig
 
 
@@ -159,14 +159,16 @@ def encode_examples(
 class ExampleBatches:
     """Micro-batch (step, micro): examples drawn by a seeded RNG, right-padded to the longest."""
 
-    def __init__(self, encoded: list[tuple], batch_size: int, pad_id: int, seed: int):
+    def __init__(self, encoded: list[tuple], batch_size: int, pad_id: int, seed: int, *,
+                 rank: int = 0, world_size: int = 1):
         if not encoded:
             raise ValueError("no SFT examples to train on")
         self.encoded, self.batch_size, self.pad_id, self.seed = encoded, batch_size, pad_id, seed
+        self.rank, self.world_size = rank, world_size
 
     def __call__(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, step, micro])
-        picked = rng.integers(0, len(self.encoded), size=self.batch_size)
+        picked = draw_indices(self.seed, step, micro, len(self.encoded), self.batch_size,
+                              self.rank, self.world_size)
         return pad_batch([self.encoded[i] for i in picked], self.pad_id)
 
 

@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+ROPE_SCALINGS = ("", "linear", "llama3")
+
 
 @dataclass
 class ModelConfig:
@@ -22,6 +24,23 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    attn_bias: bool = False  # biases on q/k/v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm on each head's q and k before RoPE (OLMo 2, Qwen3)
+    # Training-only extra loss z_loss * logsumexp(logits)^2 (PaLM); keeps the softmax normaliser
+    # near 1 so bf16 logits do not drift. 0 = off; 1e-4 is PaLM's value.
+    z_loss: float = 0.0
+    # RoPE scaling for contexts past the trained length: "" (none), "linear" (positions / factor)
+    # or "llama3" (long wavelengths / factor, short ones kept, smooth between).
+    rope_scaling: str = ""
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    # Mixture of experts: 0 = dense SwiGLU MLP; else this many experts of width `hidden`,
+    # each token routed to moe_top_k of them, with a load-balancing loss weighted moe_aux_coef.
+    n_experts: int = 0
+    moe_top_k: int = 2
+    moe_aux_coef: float = 0.01
 
     @property
     def head_dim(self) -> int:
@@ -60,6 +79,18 @@ class ModelConfig:
                 f"ModelConfig.n_heads={self.n_heads} must be divisible by "
                 f"n_kv_heads={self.n_kv_heads}"
             )
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(f"ModelConfig.rope_scaling must be one of "
+                             f"{', '.join(map(repr, ROPE_SCALINGS))}, got {self.rope_scaling!r}")
+        if self.rope_factor < 1 or self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise ValueError("ModelConfig needs rope_factor >= 1 and rope_high_freq_factor > "
+                             "rope_low_freq_factor")
+        if self.z_loss < 0 or self.moe_aux_coef < 0:
+            raise ValueError("ModelConfig.z_loss and moe_aux_coef must be >= 0")
+        if self.n_experts and not (self.n_experts >= 2 and 1 <= self.moe_top_k <= self.n_experts):
+            raise ValueError(f"ModelConfig needs n_experts 0 (dense) or >= 2 with 1 <= moe_top_k "
+                             f"<= n_experts, got n_experts={self.n_experts}, "
+                             f"moe_top_k={self.moe_top_k}")
         if self.head_dim % 2:
             raise ValueError(
                 f"ModelConfig.dim/n_heads={self.head_dim} must be even for rotary embeddings"

@@ -69,11 +69,16 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def save_model(model: Transformer, out_dir: Path) -> None:
-    """Native layout: config.json (ModelConfig fields + format tag) and model.safetensors."""
+def save_model(model: Transformer, out_dir: Path,
+               state: dict[str, Tensor] | None = None) -> None:
+    """Native layout: config.json (ModelConfig fields + format tag) and model.safetensors.
+
+    `state` replaces the model's own state dict (the gathered weights of a sharded model).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(_cpu_state(model), out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()} if state else None
+    save_file(tensors or _cpu_state(model), out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
     _write_json(out_dir / "config.json", {**model.cfg.to_dict(), "format": NATIVE_FORMAT})
 
 
@@ -89,6 +94,11 @@ def export_hf(
 
     Tokenizer files and generation_config.json are the caller's job.
     """
+    unsupported = [name for name, on in (("attn_bias", model.cfg.attn_bias),
+                   ("qk_norm", model.cfg.qk_norm), ("n_experts", model.cfg.n_experts)) if on]
+    if unsupported:
+        raise ValueError(f"cannot export to the Hugging Face Llama layout: it has no "
+                         f"{', '.join(unsupported)}; keep the native model directory")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = _cpu_state(model, dtype)
@@ -118,7 +128,7 @@ def _hf_config(
         "rms_norm_eps": cfg.norm_eps,
         # Legacy key for transformers 4.x, rope_parameters for 5.x.
         "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_parameters": _hf_rope(cfg),
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
@@ -131,6 +141,33 @@ def _hf_config(
         "dtype": str(dtype).removeprefix("torch."),
         "use_cache": True,
     }
+
+
+def _hf_rope(cfg: ModelConfig) -> dict[str, Any]:
+    rope: dict[str, Any] = {"rope_type": cfg.rope_scaling or "default",
+                            "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling:
+        rope["factor"] = cfg.rope_factor
+    if cfg.rope_scaling == "llama3":
+        rope |= {"low_freq_factor": cfg.rope_low_freq_factor,
+                 "high_freq_factor": cfg.rope_high_freq_factor,
+                 "original_max_position_embeddings": cfg.rope_original_max_len}
+    return rope
+
+
+def _rope_from_hf(rope: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig's RoPE-scaling fields from HF rope_parameters (5.x) or rope_scaling (4.x)."""
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return {}
+    if kind not in ("linear", "llama3"):
+        raise ValueError(f"unsupported RoPE scaling {rope!r} (plain, linear or llama3 only)")
+    fields = {"rope_scaling": kind, "rope_factor": float(rope["factor"])}
+    if kind == "llama3":
+        fields |= {"rope_low_freq_factor": float(rope["low_freq_factor"]),
+                   "rope_high_freq_factor": float(rope["high_freq_factor"]),
+                   "rope_original_max_len": int(rope["original_max_position_embeddings"])}
+    return fields
 
 
 def _required(hf: dict[str, Any], key: str) -> Any:
@@ -147,8 +184,6 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         if hf.get(key, False):
             raise ValueError(f"unsupported {key}=true (Llama without biases only)")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"unsupported RoPE scaling {rope!r} (only plain RoPE)")
     n_heads = _required(hf, "num_attention_heads")
     cfg = ModelConfig(
         vocab_size=_required(hf, "vocab_size"),
@@ -162,6 +197,7 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=float(hf.get("initializer_range", 0.02)),
+        **_rope_from_hf(rope),
     )
     head_dim = hf.get("head_dim") or cfg.head_dim
     if head_dim != cfg.head_dim:
@@ -232,10 +268,10 @@ def load_model(
         raise ValueError(f"unsupported model_type {raw['model_type']!r} in {config_path}")
     else:
         raise ValueError(f"{config_path} is neither an llmforge nor a Hugging Face Llama config")
-    file_name = {ours: ours if native else hf for ours, hf in _name_pairs(cfg)}
     tensors = _read_tensors(path)
     with torch.device(device):
         model = Transformer(cfg)
+    file_name = dict(_name_pairs(cfg)) if not native else {k: k for k in model.state_dict()}
     model.to(dtype)
     # Check in the checkpoint's own names so errors point at what is actually in the files.
     expected = {file_name[k]: v for k, v in model.state_dict().items()}

@@ -11,9 +11,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from llmforge.model.config import ModelConfig
 from llmforge.model.loss import linear_cross_entropy
+from llmforge.model.moe import MoE
 
 
 class RMSNorm(nn.Module):
@@ -30,10 +32,27 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(in_dtype)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos/sin of shape [max_len, head_dim], each frequency repeated for both halves (HF layout)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+def rope_frequencies(cfg: ModelConfig) -> Tensor:
+    """Rotation speed of each pair of dimensions, after the config's context-extension scaling."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    if cfg.rope_scaling == "linear":
+        inv_freq = inv_freq / cfg.rope_factor
+    elif cfg.rope_scaling == "llama3":
+        # Wavelengths longer than original_len / low_freq_factor slow down by the factor, shorter
+        # than original_len / high_freq_factor keep their speed; in between, a linear blend in
+        # original_len / wavelength.
+        periods_in_context = cfg.rope_original_max_len * inv_freq / (2 * math.pi)
+        lo, hi = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        keep = ((periods_in_context - lo) / (hi - lo)).clamp(0.0, 1.0)
+        inv_freq = inv_freq * ((1 - keep) / cfg.rope_factor + keep)
+    return inv_freq.float()
+
+
+def rope_tables(cfg: ModelConfig) -> tuple[Tensor, Tensor]:
+    """cos/sin of shape [max_seq_len, head_dim], each frequency repeated for both halves (HF)."""
+    inv_freq = rope_frequencies(cfg)
+    angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32), inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
 
@@ -81,18 +100,29 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.attn_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, layer: int
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache | None,
+        layer: int,
+        doc_ids: Tensor | None = None,
     ) -> Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         start = 0
         if cache is not None:
@@ -101,13 +131,25 @@ class Attention(nn.Module):
             k, v = k.to(q.dtype), v.to(q.dtype)  # cache is in model dtype; q may be autocast bf16
         gqa = self.n_kv_heads < self.n_heads
         y = F.scaled_dot_product_attention(
-            q, k, v, **causal_mask_args(T, start, x.device), enable_gqa=gqa
+            q, k, v, **causal_mask_args(T, start, x.device, doc_ids), enable_gqa=gqa
         )
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
-def causal_mask_args(t_new: int, start: int, device: torch.device) -> dict:
-    """SDPA's is_causal aligns the mask top-left, which is only right when nothing is cached."""
+def causal_mask_args(
+    t_new: int, start: int, device: torch.device, doc_ids: Tensor | None = None
+) -> dict:
+    """SDPA's is_causal aligns the mask top-left, which is only right when nothing is cached.
+
+    With `doc_ids` ([B, T], equal within a document) a token attends only to earlier tokens of
+    its own document, so packed documents do not see each other.
+    """
+    if doc_ids is not None:
+        if start:
+            raise ValueError("document masking applies to whole sequences, not cached decoding")
+        causal = torch.ones(t_new, t_new, dtype=torch.bool, device=device).tril()
+        same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+        return {"attn_mask": (same_doc & causal)[:, None]}
     if start == 0:
         return {"is_causal": t_new > 1}
     if t_new == 1:
@@ -135,18 +177,34 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        if cfg.n_experts:
+            self.mlp = MoE(cfg.dim, cfg.hidden, cfg.n_experts, cfg.moe_top_k)
+        else:
+            self.mlp = MLP(cfg)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, layer: int
-    ) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
-        return x + self.mlp(self.mlp_norm(x))
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache | None,
+        layer: int,
+        doc_ids: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """The new residual stream and, for a mixture-of-experts block, its load-balancing loss."""
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, doc_ids)
+        if isinstance(self.mlp, MoE):
+            y, aux = self.mlp(self.mlp_norm(x))
+            return x + y, aux
+        return x + self.mlp(self.mlp_norm(x)), None
 
 
 class Transformer(nn.Module):
     # Rows of lm-head + cross-entropy computed at once (model/loss.py); bounds logits memory.
     loss_chunk_rows: int = 1024
+    # Recompute each block's activations in the backward pass instead of storing them: trades
+    # about a third more compute for memory that no longer grows with depth. Set by the trainer.
+    activation_checkpointing: bool = False
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -159,7 +217,7 @@ class Transformer(nn.Module):
         self.lm_head = None
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
@@ -171,15 +229,23 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """N(0, init_std); residual output projections shrunk by 1/sqrt(2*n_layers) (GPT-2) so the
-        residual stream variance does not grow with depth."""
-        out_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+        residual stream variance does not grow with depth. Norms start at 1, biases at 0."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
+            if ".mlp." in name and self.cfg.n_experts:
+                continue  # experts initialise themselves below
             if name.endswith(("attn.wo.weight", "mlp.w_down.weight")):
                 nn.init.normal_(p, std=out_std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
             elif p.dim() == 2:
-                nn.init.normal_(p, std=self.cfg.init_std)
+                nn.init.normal_(p, std=std)
             else:
                 nn.init.ones_(p)
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.init_weights(std, out_std)
 
     def num_params(self, include_embedding: bool = True) -> int:
         """Unique parameter count (a tied matrix counts once)."""
@@ -201,10 +267,14 @@ class Transformer(nn.Module):
         *,
         cache: KVCache | None = None,
         reduction: str = "mean",
+        doc_ids: Tensor | None = None,
     ) -> Tensor:
         """Loss (targets given) or float32 logits [B, T, V] for the tokens in idx.
 
-        With a cache, idx continues the cached sequence and only its logits are returned.
+        With a cache, idx continues the cached sequence and only its logits are returned. With
+        `doc_ids` attention stays inside each document of a packed sequence. In training mode
+        the loss also carries the z-loss and mixture-of-experts balancing terms when configured;
+        in eval mode it is the plain cross-entropy.
         """
         _, T = idx.shape
         start = 0 if cache is None else cache.length
@@ -213,13 +283,24 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {start + T} exceeds the limit of {limit} positions")
         cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         x = self.tok_emb(idx)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        aux_losses = []
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i)
+            if recompute:
+                x, aux = checkpoint(layer, x, cos, sin, cache, i, doc_ids, use_reentrant=False)
+            else:
+                x, aux = layer(x, cos, sin, cache, i, doc_ids)
+            if aux is not None:
+                aux_losses.append(aux)
         if cache is not None:
             cache.length += T
         x = self.norm(x)
         if targets is None:
             return F.linear(x, self.output_weight).float()
-        return linear_cross_entropy(
-            x, self.output_weight, targets, reduction=reduction, chunk_rows=self.loss_chunk_rows
+        loss = linear_cross_entropy(
+            x, self.output_weight, targets, reduction=reduction, chunk_rows=self.loss_chunk_rows,
+            z_loss=self.cfg.z_loss if self.training else 0.0,
         )
+        if aux_losses and self.training and reduction == "mean":
+            loss = loss + self.cfg.moe_aux_coef * torch.stack(aux_losses).mean()
+        return loss

@@ -1,6 +1,7 @@
 """Tokenizer stage: train the BPE vocabulary, define the chat format, write token shards."""
 
 from llmforge.tokenizer.bpe import (
+    BOS,
     SPECIAL_TOKENS,
     TokenizerConfig,
     load_tokenizer,
@@ -10,6 +11,7 @@ from llmforge.tokenizer.chat import CHAT_TEMPLATE, render_chat, render_prompt, s
 from llmforge.tokenizer.shards import TokenizeConfig, TokenShard, open_shard, tokenize_documents
 
 __all__ = [
+    "BOS",
     "CHAT_TEMPLATE",
     "SPECIAL_TOKENS",
     "TokenShard",

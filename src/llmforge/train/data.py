@@ -6,21 +6,43 @@ import numpy as np
 import torch
 
 
-class RandomWindows:
-    """Micro-batch (step, micro) is `batch_size` windows at offsets drawn from a seeded RNG."""
+def draw_indices(seed: int, step: int, micro: int, high: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1) -> np.ndarray:
+    """This rank's `batch_size` random indices in [0, high) for micro-batch (step, micro).
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
+    The draw is for the global batch (batch_size x world_size rows) and each rank takes its own
+    slice: ranks never overlap or leave gaps, and a single process with a world_size-times
+    larger batch sees exactly the same rows.
+    """
+    rng = np.random.default_rng([seed, step, micro])
+    picked = rng.integers(0, high, size=batch_size * world_size)
+    return picked[rank * batch_size : (rank + 1) * batch_size]
+
+
+class RandomWindows:
+    """Micro-batch (step, micro) is `batch_size` windows at offsets drawn from a seeded RNG.
+
+    With `doc_start` (the token that opens every document) it also returns document ids for
+    document-aware attention: each window position's count of document starts so far.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, *,
+                 rank: int = 0, world_size: int = 1, doc_start: int | None = None):
         if len(tokens) < seq_len + 1:
             raise ValueError(f"only {len(tokens)} training tokens: a window needs seq_len + 1 = "
                              f"{seq_len + 1}")
         self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
+        self.rank, self.world_size, self.doc_start = rank, world_size, doc_start
 
-    def __call__(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, step, micro])
-        starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
+    def __call__(self, step: int, micro: int) -> tuple[torch.Tensor, ...]:
+        starts = draw_indices(self.seed, step, micro, len(self.tokens) - self.seq_len,
+                              self.batch_size, self.rank, self.world_size)
         rows = np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts]).astype(np.int64)
         batch = torch.from_numpy(rows)
-        return batch[:, :-1], batch[:, 1:]
+        x, y = batch[:, :-1], batch[:, 1:]
+        if self.doc_start is None:
+            return x, y
+        return x, y, (x == self.doc_start).cumsum(dim=1)
 
 
 def count_windows(n_tokens: int, seq_len: int, max_windows: int = 0) -> int:

@@ -18,7 +18,10 @@ from llmforge.model.config import ModelConfig
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs (forward + backward) per token of a `seq_len`-token sequence."""
     kv_dim = cfg.n_kv_heads * cfg.head_dim
-    per_layer = 2 * cfg.dim * cfg.dim + 2 * cfg.dim * kv_dim + 3 * cfg.dim * cfg.hidden
+    # A mixture-of-experts token passes through its top-k experts and the router only.
+    mlp = 3 * cfg.dim * cfg.hidden * (cfg.moe_top_k if cfg.n_experts else 1)
+    mlp += cfg.dim * cfg.n_experts
+    per_layer = 2 * cfg.dim * cfg.dim + 2 * cfg.dim * kv_dim + mlp
     matmul_weights = cfg.n_layers * per_layer + cfg.vocab_size * cfg.dim  # + lm head
     return 6 * matmul_weights + 12 * cfg.n_layers * cfg.dim * seq_len
 

@@ -2,23 +2,31 @@
 
 Batches come from a `BatchSource` that is a pure function of (step, micro-step), so resuming
 from a checkpoint needs only the step number: no data-loader state to save, and the resumed run
-sees exactly the batches the uninterrupted one would have.
+sees exactly the batches the uninterrupted one would have. Under torchrun each rank's source
+yields its own slice of the global batch (train/data.py) and the loop runs unchanged on every
+rank, with gradients averaged by DDP or FSDP2 (train/parallel.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+from torch.distributed.tensor import DTensor
 
+from llmforge import distributed
 from llmforge.runs import StageContext
 from llmforge.train import checkpoint
 from llmforge.train.device import DTYPES, autocast, use_bf16
 from llmforge.train.flops import flops_per_token, measured_peak_flops
+from llmforge.train.muon import Muon, split_for_muon
+from llmforge.train.parallel import STRATEGIES, gradient_sync, parallelize
+from llmforge.train.tracking import Trackers, TrackingConfig, memory_stats
 
 
 @dataclass
@@ -35,6 +43,7 @@ class TrainConfig:
     schedule: str = "cosine"
     decay_frac: float = 0.2
     weight_decay: float = 0.1  # on matrices only; norms and biases are not decayed
+    muon_momentum: float = 0.95
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
@@ -50,6 +59,13 @@ class TrainConfig:
     # spike_factor x the running mean of accepted losses (0 = no spike check).
     skip_nonfinite: bool = True
     spike_factor: float = 0.0
+    # adamw: AdamW for everything. muon: Muon for hidden matrices, AdamW for embeddings, head,
+    # norms and biases; Muon's step is scaled to AdamW's RMS, so lr and weight_decay carry over.
+    optimizer: str = "adamw"
+    parallel: str = "ddp"  # under torchrun: ddp (replicas) or fsdp (FSDP2 sharding)
+    activation_checkpointing: bool = False  # recompute block activations in backward
+    doc_masking: bool = False  # attention stays inside each document of a packed window
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every",
@@ -65,14 +81,22 @@ class TrainConfig:
             raise ValueError("need peak_tflops >= 0 and spike_factor 0 (off) or > 1")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, "
+                             f"got {self.optimizer!r}")
+        if self.parallel not in STRATEGIES:
+            raise ValueError(f"parallel must be one of {', '.join(STRATEGIES)}, "
+                             f"got {self.parallel!r}")
 
 
 SCHEDULES = ("cosine", "wsd")
+OPTIMIZERS = ("adamw", "muon")
 
 
 class BatchSource(Protocol):
-    def __call__(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and targets (-100 where no loss) for one micro-batch, deterministic."""
+    def __call__(self, step: int, micro: int) -> tuple[torch.Tensor, ...]:
+        """Inputs, targets (-100 where no loss) and optionally document ids for one
+        micro-batch of this rank, deterministic."""
         ...
 
 
@@ -89,13 +113,25 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    """AdamW (fused where the device supports it), or Muon for hidden matrices plus AdamW."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizers: list[torch.optim.Optimizer] = []
+    if cfg.optimizer == "muon":
+        hidden, _ = split_for_muon(named)
+        optimizers.append(Muon(hidden, lr=cfg.lr, momentum=cfg.muon_momentum,
+                               weight_decay=cfg.weight_decay))
+        taken = {id(p) for p in hidden}
+        named = [(n, p) for n, p in named if id(p) not in taken]
+    params = [p for _, p in named]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    fused = bool(params) and params[0].device.type in ("cuda", "cpu")
+    optimizers.append(torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                        fused=fused))
+    return optimizers
 
 
 def train(
@@ -106,44 +142,62 @@ def train(
     *,
     evaluate: Callable[[], float] | None = None,
 ) -> dict:
-    """Train `model` in place for cfg.max_steps, resuming from ctx.dir/checkpoints if present."""
+    """Train `model` in place for cfg.max_steps, resuming from ctx.dir/checkpoints if present.
+
+    Under torchrun, every rank calls this with its own batch source; `model` is sharded in
+    place (fsdp) or wrapped (ddp), and only rank 0 writes metrics.
+    """
     device = next(model.parameters()).device
-    optimizer = make_optimizer(model, cfg)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    step_module = parallelize(model, cfg.parallel)
+    optimizers = make_optimizers(model, cfg)
     ckpt_root = ctx.dir / "checkpoints"
-    start = checkpoint.resume(ckpt_root, model, optimizer)
+    start, saved = checkpoint.resume(ckpt_root, model, optimizers)
     history = ctx.rewind_metrics(start)  # drop what the interrupted run logged past its checkpoint
     if start:
         ctx.log.info(f"resumed from step {start}")
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    world = distributed.info().world_size
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
     step_flops = tokens_per_step * flops_per_token(model.cfg, cfg.seq_len)
-    peak = cfg.peak_tflops * 1e12 or measured_peak_flops(device.type, use_bf16(device, cfg.dtype))
+    peak = world * (cfg.peak_tflops * 1e12
+                    or measured_peak_flops(device.type, use_bf16(device, cfg.dtype)))
     first_loss = history[0]["loss"] if history else None
     last_loss = val_loss = None
-    guard = UpdateGuard(cfg.skip_nonfinite, cfg.spike_factor)
+    guard = UpdateGuard(cfg.skip_nonfinite, cfg.spike_factor, **saved.get("guard", {}))
     # Checkpoints keep using `model`: the compiled wrapper shares its parameters.
-    forward = torch.compile(model) if cfg.compile else model
+    forward = torch.compile(step_module) if cfg.compile else step_module
+    tracking = cfg.tracking if ctx.is_main else TrackingConfig()
+    trackers = Trackers(tracking, ctx.dir, run_name=f"{ctx.root.name}/{ctx.name}",
+                        config=dataclasses.asdict(cfg), log=ctx.log)
     model.train()
     last_logged, t_last = start, time.perf_counter()
-    with ctx.progress("training", cfg.max_steps) as update:
+    with trackers, ctx.progress("training", cfg.max_steps) as update:
         update(start)
         for step in range(start, cfg.max_steps):
             lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = 0.0
+            for optimizer in optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
             for micro in range(cfg.grad_accum):
-                x, y = batches(step, micro)
-                with autocast(device, cfg.dtype):
-                    loss = forward(x.to(device), y.to(device)) / cfg.grad_accum
-                loss.backward()
-                loss_sum += loss.item()
+                x, y, *doc_ids = (t.to(device) for t in batches(step, micro))
+                last_micro = micro == cfg.grad_accum - 1
+                with gradient_sync(step_module, last_micro):
+                    with autocast(device, cfg.dtype):
+                        loss = forward(x, y, doc_ids=doc_ids[0] if doc_ids else None)
+                        loss = loss / cfg.grad_accum
+                    loss.backward()
+                loss_sum += loss.detach()
+            loss_sum = distributed.mean_across_ranks(loss_sum).item()
             grad_norm = _clip(model, cfg.grad_clip)
             skipped = guard.check(loss_sum, grad_norm)
             if skipped:
                 ctx.log.warning(f"step {step + 1}: update skipped ({skipped})")
             else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                for optimizer in optimizers:
+                    optimizer.step()
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
             done = step + 1
             record = {"step": done, "loss": round(loss_sum, 5), "lr": lr}
             if skipped:
@@ -156,33 +210,42 @@ def train(
                 steps_per_s = (done - last_logged) / elapsed
                 record |= {"grad_norm": round(grad_norm, 4),
                            "tokens_per_s": round(steps_per_s * tokens_per_step, 1),
-                           "mfu": round(steps_per_s * step_flops / peak, 4)}
+                           "mfu": round(steps_per_s * step_flops / peak, 4),
+                           **memory_stats(device)}
             if evaluate and (done % cfg.eval_every == 0 or done == cfg.max_steps):
                 val_loss = evaluate()
                 record["val_loss"] = round(val_loss, 5)
                 ctx.log.info(f"step {done}: train loss {loss_sum:.4f}, val loss {val_loss:.4f}")
                 model.train()
             ctx.metrics(**record)
+            trackers.log(record)
             update(done, info=f"loss {loss_sum:.3f}")
             if done % cfg.ckpt_every == 0 or done == cfg.max_steps:
-                checkpoint.save(ckpt_root, done, model, optimizer, keep_last=cfg.keep_last)
+                checkpoint.save(ckpt_root, done, model, optimizers, keep_last=cfg.keep_last,
+                                extra={"guard": guard.state()})
             if logging_step:  # evaluation and checkpoint time do not count against throughput
                 last_logged, t_last = done, time.perf_counter()
     return {"steps": cfg.max_steps, "first_loss": first_loss, "final_loss": last_loss,
             "val_loss": val_loss, "tokens_seen": cfg.max_steps * tokens_per_step,
-            "skipped_updates": guard.skipped, "peak_tflops": round(peak / 1e12, 3)}
+            "skipped_updates": guard.skipped, "peak_tflops": round(peak / 1e12, 3),
+            "world_size": world}
 
 
 class UpdateGuard:
     """Decides whether an update is safe to apply: a NaN/inf or a loss spike is skipped (and
     counted) instead of poisoning the weights and the optimizer state."""
 
-    def __init__(self, skip_nonfinite: bool, spike_factor: float, momentum: float = 0.9):
+    def __init__(self, skip_nonfinite: bool, spike_factor: float, momentum: float = 0.9,
+                 mean: float | None = None, skipped: int = 0):
         self.skip_nonfinite = skip_nonfinite
         self.spike_factor = spike_factor
         self.momentum = momentum
-        self.mean: float | None = None
-        self.skipped = 0
+        self.mean = mean
+        self.skipped = skipped
+
+    def state(self) -> dict:
+        """What a checkpoint keeps so a resumed run makes the same decisions."""
+        return {"mean": self.mean, "skipped": self.skipped}
 
     def check(self, loss: float, grad_norm: float) -> str | None:
         """The reason to skip this update, or None to apply it."""
@@ -200,7 +263,9 @@ class UpdateGuard:
 
 
 def _clip(model: torch.nn.Module, max_norm: float) -> float:
+    """Global gradient norm (over all ranks' shards), clipped to max_norm when it is > 0."""
     params = [p for p in model.parameters() if p.grad is not None]
-    if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return norm.item()
