@@ -14,7 +14,9 @@ interleaved (ours, hf, litgpt, ours, hf, litgpt), and the faster of the two coun
 neighbour on a shared machine costs less.
 
 MFU is the model FLOPs (PaLM counting, llmforge/train/flops.py, the same for all three models)
-per second over the measured matmul peak of the precision used. Targets: llmforge at least
+per second over the measured matmul peak of the precision used; the peak is measured before
+and again after training and the higher figure counts, so a busy neighbour during one
+measurement does not inflate the MFU. Targets: llmforge at least
 1.3x transformers' tokens/s, and MFU at least 40% of the measured bf16 matmul peak.
 
 Run:   .venv/bin/python benchmarks/train_throughput.py [--steps 10] [--batch 8] [--seq 256]
@@ -43,6 +45,7 @@ CONFIG = ModelConfig(vocab_size=8192, dim=512, n_layers=6, n_heads=8, n_kv_heads
 MODELS = ("ours", "hf", "litgpt")
 ROUNDS = 2  # interleaved timing runs per model; the best one is reported
 WARMUP = 2
+PEAK_REPEATS = 20  # best of this many timed matmuls, before and after training
 TARGET_RATIO = 1.3
 TARGET_MFU = 0.40
 REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -137,6 +140,12 @@ def litgpt_status() -> str | None:
     return None
 
 
+def measure_peak(device: torch.device, bf16: bool, size: int) -> float:
+    """measured_peak_flops afresh (it caches per process), so it can be taken again later."""
+    measured_peak_flops.cache_clear()
+    return measured_peak_flops(device.type, bf16, size=size, repeats=PEAK_REPEATS)
+
+
 def fused_adamw(device: torch.device) -> bool:
     """Whether torch.optim.AdamW(fused=True) runs on this device (CPU has it since torch 2.4)."""
     try:
@@ -218,19 +227,13 @@ def main() -> None:
     bf16 = use_bf16(device, args.dtype)
     # A 2048^3 matmul takes tens of microseconds on a datacentre GPU, too short to time well.
     size = 8192 if device.type == "cuda" else 2048
-    peak_bf16 = measured_peak_flops(device.type, True, size=size)
-    peak_fp32 = measured_peak_flops(device.type, False, size=size)
-    peak = peak_bf16 if bf16 else peak_fp32
+    peaks = {True: [measure_peak(device, True, size)], False: [measure_peak(device, False, size)]}
     precision = "bf16" if bf16 else "fp32"
     per_token = flops_per_token(cfg, args.seq)
     fused = fused_adamw(device)
 
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}"
           f", {torch.get_num_threads()} threads), torch {torch.__version__}")
-    print(f"\nmeasured matmul throughput ({size}x{size}x{size}, best of 5)")
-    print(f"  {'dtype':<6} {'TFLOP/s':>9}")
-    print(f"  {'bf16':<6} {peak_bf16 / 1e12:>9.3f}")
-    print(f"  {'fp32':<6} {peak_fp32 / 1e12:>9.3f}")
     print(f"\nshape {args.preset or 'default'}: dim {cfg.dim}, {cfg.n_layers} layers, "
           f"{cfg.n_heads} heads ({cfg.n_kv_heads} kv), SwiGLU {cfg.hidden}, vocab "
           f"{cfg.vocab_size}, {'tied' if cfg.tie_embeddings else 'untied'}; batch {args.batch} x "
@@ -262,6 +265,18 @@ def main() -> None:
     for _ in range(ROUNDS):
         for c in candidates:
             c.tps.append(time_steps(c, data, args.steps, device, args.dtype))
+
+    # Measured again after training: on a shared machine a neighbour may have been busy during
+    # the first measurement, and a peak measured too low would inflate every MFU.
+    for dt in (True, False):
+        peaks[dt].append(measure_peak(device, dt, size))
+    peak = max(peaks[bf16])
+    print(f"\nmeasured matmul throughput, TFLOP/s ({size}^3, best of {PEAK_REPEATS} each time)")
+    print(f"  {'dtype':<6} {'before':>8} {'after':>8} {'peak':>8}")
+    for dt, label in ((True, "bf16"), (False, "fp32")):
+        before, after = peaks[dt]
+        print(f"  {label:<6} {before / 1e12:>8.3f} {after / 1e12:>8.3f} "
+              f"{max(before, after) / 1e12:>8.3f}")
 
     counts = {c.key: c.params for c in candidates}
     if len(set(counts.values())) > 1:

@@ -34,15 +34,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = F.linear(h_chunk, weight).float()
             valid = t_chunk != IGNORE_INDEX
             safe = t_chunk.clamp_min(0)  # ignored rows gather a placeholder, then weigh zero
-            lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, safe[:, None]).squeeze(1)
+            # One pass of exp serves both the log-sum-exp and the softmax of the gradient.
+            peak = logits.amax(dim=-1, keepdim=True)
+            exps = logits.sub_(peak).exp_()
+            sums = exps.sum(dim=-1)
+            lse = peak.squeeze(1) + sums.log()
             total += ((lse - picked + z_loss * lse.square()) * valid).sum()
             if needs_grad:
-                grad_logits = torch.exp(logits - lse[:, None])  # softmax
+                scale = 1 / sums  # softmax = exps * scale
                 if z_loss:  # d(z * lse^2)/d logits = 2 z lse softmax
-                    grad_logits *= (1 + 2 * z_loss * lse)[:, None]
-                grad_logits[torch.arange(len(safe)), safe] -= 1.0
-                grad_logits *= valid[:, None]
+                    scale = scale * (1 + 2 * z_loss * lse)
+                grad_logits = exps.mul_((scale * valid)[:, None])
+                grad_logits[torch.arange(len(safe)), safe] -= valid.to(grad_logits.dtype)
                 grad_logits = grad_logits.to(mm_dtype or grad_logits.dtype)
                 grad_h[rows] = grad_logits @ weight.to(grad_logits.dtype)
                 grad_w += grad_logits.T @ h_chunk.to(grad_logits.dtype)

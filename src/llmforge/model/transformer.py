@@ -29,7 +29,11 @@ class RMSNorm(nn.Module):
         in_dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(in_dtype)
+        y = self.weight * x.to(in_dtype)
+        # Under autocast every consumer (q, k, v; gate, up) would cast y to bf16 on its own:
+        # cast once here instead. The values are the same either way.
+        device = x.device.type
+        return y.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else y
 
 
 def rope_frequencies(cfg: ModelConfig) -> Tensor:
