@@ -7,13 +7,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmforge.model.config import ModelConfig
-from llmforge.model.io import export_hf, load_model, save_model
+from llmforge.model.io import (
+    HF_ALLOW_PATTERNS,
+    export_hf,
+    load_model,
+    resolve_model_path,
+    save_model,
+)
 from llmforge.model.transformer import Transformer
 
 VOCAB = 67
 
 
-def build(tie: bool = True, n_kv_heads: int = 2) -> Transformer:
+def build(tie: bool = True, n_kv_heads: int = 2, **overrides) -> Transformer:
     """Tiny model with non-default RoPE theta and non-unit norms, so a wrong mapping shows up."""
     torch.manual_seed(0)
     cfg = ModelConfig(
@@ -26,6 +32,7 @@ def build(tie: bool = True, n_kv_heads: int = 2) -> Transformer:
         rope_theta=5000.0,
         norm_eps=1e-6,
         tie_embeddings=tie,
+        **overrides,
     )
     model = Transformer(cfg)
     with torch.no_grad():
@@ -155,7 +162,7 @@ def test_missing_shard_raises(tmp_path):
 @pytest.mark.parametrize(
     ("changes", "match"),
     [
-        ({"model_type": "mistral"}, "unsupported model_type 'mistral'"),
+        ({"model_type": "gemma"}, "unsupported model_type 'gemma'"),
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"attention_bias": True}, "attention_bias"),
         ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5}}, "RoPE scaling"),
@@ -212,3 +219,117 @@ def test_shape_mismatch_raises(tmp_path, layout):
         export_hf(build(), tmp_path)
         edit_config(tmp_path, intermediate_size=128)
     one_line_error(ValueError, lambda: load_model(tmp_path), "shape mismatch")
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_attention_bias_exports_as_qwen2(tmp_path, tie):
+    transformers = pytest.importorskip("transformers")
+    model = build(tie, attn_bias=True)  # build() moves every 1-d parameter, biases included
+    assert model.layers[0].attn.wq.bias.abs().sum() > 0
+    export_hf(model, tmp_path, bos_token_id=1, eos_token_id=2)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["model_type"], config["architectures"]) == ("qwen2", ["Qwen2ForCausalLM"])
+    assert config["use_sliding_window"] is False
+    stored = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(stored["model.layers.1.self_attn.v_proj.bias"],
+                       model.layers[1].attn.wv.bias.detach())
+    assert not any(name.endswith("o_proj.bias") for name in stored)
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "Qwen2ForCausalLM"
+    with torch.no_grad():
+        assert (hf(tokens()).logits - logits(model)).abs().max().item() <= 1e-4
+    reloaded = load_model(tmp_path)
+    assert reloaded.cfg == replace(model.cfg, ffn_hidden=model.cfg.hidden)
+    assert torch.equal(logits(reloaded), logits(model))
+
+
+def test_export_replaces_a_stale_sharded_index(tmp_path):
+    export_hf(build(), tmp_path)
+    index = {"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    export_hf(build(), tmp_path)
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+    load_model(tmp_path)
+
+
+def write_shards(path: Path, shards: dict[str, dict[str, torch.Tensor]],
+                 weight_map: dict[str, str]) -> None:
+    for name, tensors in shards.items():
+        save_file(tensors, path / name, metadata={"format": "pt"})
+    (path / "model.safetensors").unlink()
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def test_sharded_index_must_agree_with_the_shards(tmp_path):
+    export_hf(build(), tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    names = sorted(tensors)
+    first, second = names[: len(names) // 2], names[len(names) // 2 :]
+    shards = {"a.safetensors": {k: tensors[k] for k in first},
+              "b.safetensors": {k: tensors[k] for k in second}}
+    weight_map = {k: "a.safetensors" for k in first} | {k: "b.safetensors" for k in second}
+    write_shards(tmp_path, shards, weight_map)
+    load_model(tmp_path)  # consistent: loads
+
+    wrong = weight_map | {second[0]: "a.safetensors"}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wrong}))
+    one_line_error(ValueError, lambda: load_model(tmp_path), f"not found in.*{second[0]}")
+
+    shards["a.safetensors"][second[0]] = tensors[second[0]]  # stored in both shards
+    save_file(shards["a.safetensors"], tmp_path / "a.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    one_line_error(ValueError, lambda: load_model(tmp_path), f"{second[0]} is stored twice")
+
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    one_line_error(ValueError, lambda: load_model(tmp_path), "no weight_map")
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """snapshot_download replaced by a recorder that returns a local dir: no network."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    calls = []
+    snapshot = tmp_path / "snapshot"
+
+    def snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls, snapshot
+
+
+def test_resolve_model_path_downloads_hf_specs(fake_hub):
+    calls, snapshot = fake_hub
+    assert resolve_model_path("hf://HuggingFaceTB/SmolLM2-135M") == snapshot
+    assert resolve_model_path("hf://Qwen/Qwen2.5-0.5B@refs/pr/1") == snapshot
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
+    assert HF_ALLOW_PATTERNS == patterns
+    assert calls == [
+        ("HuggingFaceTB/SmolLM2-135M", {"revision": None, "allow_patterns": patterns}),
+        ("Qwen/Qwen2.5-0.5B", {"revision": "refs/pr/1", "allow_patterns": patterns}),
+    ]
+
+
+def test_resolve_model_path_passes_local_paths_through(fake_hub, tmp_path):
+    calls, _ = fake_hub
+    assert resolve_model_path("runs/x/model") == Path("runs/x/model")
+    assert resolve_model_path(tmp_path) == tmp_path
+    assert calls == []
+
+
+@pytest.mark.parametrize("spec", ["hf://", "hf://name", "hf://a/b/c", "hf://a/b@", "hf:///b"])
+def test_resolve_model_path_rejects_bad_specs(fake_hub, spec):
+    with pytest.raises(ValueError, match="owner/name"):
+        resolve_model_path(spec)
+    assert fake_hub[0] == []
+
+
+def test_load_model_accepts_hf_specs(fake_hub):
+    calls, snapshot = fake_hub
+    model = build()
+    export_hf(model, snapshot)
+    loaded = load_model("hf://someone/tiny@main")
+    assert calls[0][0] == "someone/tiny" and calls[0][1]["revision"] == "main"
+    assert torch.equal(logits(loaded), logits(model))

@@ -3,7 +3,7 @@
     llmforge pretrain recipes/demo.yaml train.lr=3e-4   # one stage (and what it needs)
     llmforge run recipes/demo.yaml                      # the stages a recipe lists
     llmforge demo                                       # the built-in recipe, end to end
-    llmforge chat runs/demo/export/model                # talk to a model
+    llmforge chat runs/demo/export/model                # talk to a model (or gguf:FILE)
 """
 
 from __future__ import annotations
@@ -69,11 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--force", nargs="*", metavar="STAGE", default=(), help="rerun these stages")
     p.set_defaults(handler=lambda a: _run_stages(a, None), recipe=None, data=None)
-    p = sub.add_parser("chat", help="chat with a model directory in the terminal (streaming)",
-                       description="Reads a model directory (ours or a Hugging Face Llama one, "
-                       "with tokenizer.json) and streams replies. /reset clears the history, "
+    p = sub.add_parser("chat", help="chat with a model in the terminal (streaming)",
+                       description="Reads a model directory (ours, or a Hugging Face Llama, "
+                       "Mistral or Qwen2 one with its chat template), hf://owner/name or "
+                       "gguf:PATH, and streams replies. /reset clears the history, "
                        "/system TEXT sets a system prompt, /quit leaves.")
-    p.add_argument("model", type=Path, help="model directory, e.g. runs/demo/export/model")
+    p.add_argument("model", help="model directory (e.g. runs/demo/export/model), "
+                   "hf://owner/name[@revision] or gguf:PATH")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--top-p", type=float, default=0.95)

@@ -1,7 +1,8 @@
-"""Weights I/O (safetensors only): our native layout and the Hugging Face Llama layout.
+"""Weights I/O (safetensors only): our native layout and the Hugging Face Llama-family layouts.
 
-Both layouts hold the same tensors under different names; `_name_pairs` is the single mapping used
-in both directions.
+Hugging Face checkpoints of model_type llama (SmolLM2 too), mistral and qwen2 load; export writes
+Llama, or Qwen2 for a model with q/k/v biases. The layouts hold the same tensors under different
+names; `_name_pairs` is the single mapping used in both directions.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from llmforge.model.transformer import Transformer
 NATIVE_FORMAT = "llmforge"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+HF_FAMILIES = ("llama", "mistral", "qwen2")
+HF_PREFIX = "hf://"
+# What resolve_model_path fetches from the Hub: configs, weights, tokenizer, chat templates.
+HF_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
 
 # Per-layer names: ours -> HF (under "layers.N." and "model.layers.N." respectively).
 _LAYER_NAMES = {
@@ -34,11 +39,19 @@ _LAYER_NAMES = {
     "mlp.w_up.weight": "mlp.up_proj.weight",
     "mlp.w_down.weight": "mlp.down_proj.weight",
 }
+# Qwen2's biases: q, k and v only (o_proj has none).
+_BIAS_NAMES = {
+    "attn.wq.bias": "self_attn.q_proj.bias",
+    "attn.wk.bias": "self_attn.k_proj.bias",
+    "attn.wv.bias": "self_attn.v_proj.bias",
+}
 _TOP_NAMES = {
     "tok_emb.weight": "model.embed_tokens.weight",
     "norm.weight": "model.norm.weight",
     "lm_head.weight": "lm_head.weight",
 }
+# Defaults of the transformers config classes for keys a config.json may leave out.
+_MAX_POSITIONS_DEFAULT = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768}
 
 
 def _name_pairs(cfg: ModelConfig) -> list[tuple[str, str]]:
@@ -46,9 +59,30 @@ def _name_pairs(cfg: ModelConfig) -> list[tuple[str, str]]:
     pairs = [(ours, hf) for ours, hf in _TOP_NAMES.items()]
     if cfg.tie_embeddings:
         pairs = [(ours, hf) for ours, hf in pairs if ours != "lm_head.weight"]
+    layer_names = _LAYER_NAMES | (_BIAS_NAMES if cfg.attn_bias else {})
     for i in range(cfg.n_layers):
-        pairs += [(f"layers.{i}.{a}", f"model.layers.{i}.{b}") for a, b in _LAYER_NAMES.items()]
+        pairs += [(f"layers.{i}.{a}", f"model.layers.{i}.{b}") for a, b in layer_names.items()]
     return pairs
+
+
+def resolve_model_path(spec: str | Path) -> Path:
+    """A local model directory for `spec`: `hf://owner/name[@revision]` is downloaded from the
+    Hugging Face Hub (configs, safetensors, tokenizer and chat template files only) into the
+    Hub cache; anything else is a local path and passes through unchanged."""
+    if isinstance(spec, Path) or not spec.startswith(HF_PREFIX):
+        return Path(spec)
+    repo_id, sep, revision = spec.removeprefix(HF_PREFIX).partition("@")
+    parts = repo_id.split("/")
+    if len(parts) != 2 or not all(parts) or (sep and not revision):
+        raise ValueError(f"bad Hugging Face model spec {spec!r}: expected "
+                         f"{HF_PREFIX}owner/name or {HF_PREFIX}owner/name@revision")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ImportError(f"{spec} needs huggingface_hub: pip install 'llmforge[hf]'") from None
+    local = snapshot_download(repo_id, revision=revision or None,
+                              allow_patterns=HF_ALLOW_PATTERNS)
+    return Path(local)
 
 
 def _cpu_state(model: Transformer, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
@@ -60,13 +94,22 @@ def _cpu_state(model: Transformer, dtype: torch.dtype | None = None) -> dict[str
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _write_weights(tensors: dict[str, Tensor], out_dir: Path) -> None:
+    save_file(tensors, out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
+    # A sharded index left by an earlier save would win over the new file when loading.
+    (out_dir / INDEX_FILE).unlink(missing_ok=True)
 
 
 def save_model(model: Transformer, out_dir: Path,
@@ -78,7 +121,7 @@ def save_model(model: Transformer, out_dir: Path,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()} if state else None
-    save_file(tensors or _cpu_state(model), out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
+    _write_weights(tensors or _cpu_state(model), out_dir)
     _write_json(out_dir / "config.json", {**model.cfg.to_dict(), "format": NATIVE_FORMAT})
 
 
@@ -90,20 +133,20 @@ def export_hf(
     bos_token_id: int | None = None,
     eos_token_id: int | list[int] | None = None,
 ) -> None:
-    """Hugging Face Llama layout that `LlamaForCausalLM.from_pretrained` loads directly.
+    """Hugging Face layout that `AutoModelForCausalLM.from_pretrained` loads directly: Qwen2
+    (`Qwen2ForCausalLM`) when the model has q/k/v biases, Llama (`LlamaForCausalLM`) otherwise.
 
     Tokenizer files and generation_config.json are the caller's job.
     """
-    unsupported = [name for name, on in (("attn_bias", model.cfg.attn_bias),
-                   ("qk_norm", model.cfg.qk_norm), ("n_experts", model.cfg.n_experts)) if on]
+    unsupported = [name for name, on in (("qk_norm", model.cfg.qk_norm),
+                                         ("n_experts", model.cfg.n_experts)) if on]
     if unsupported:
-        raise ValueError(f"cannot export to the Hugging Face Llama layout: it has no "
+        raise ValueError(f"cannot export to the Hugging Face Llama or Qwen2 layout: neither has "
                          f"{', '.join(unsupported)}; keep the native model directory")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = _cpu_state(model, dtype)
-    tensors = {hf: state[ours] for ours, hf in _name_pairs(model.cfg)}
-    save_file(tensors, out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
+    _write_weights({hf: state[ours] for ours, hf in _name_pairs(model.cfg)}, out_dir)
     _write_json(out_dir / "config.json", _hf_config(model.cfg, dtype, bos_token_id, eos_token_id))
 
 
@@ -113,25 +156,20 @@ def _hf_config(
     bos_token_id: int | None,
     eos_token_id: int | list[int] | None,
 ) -> dict[str, Any]:
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    common = {
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.dim,
         "intermediate_size": cfg.hidden,
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         # Legacy key for transformers 4.x, rope_parameters for 5.x.
         "rope_theta": cfg.rope_theta,
         "rope_parameters": _hf_rope(cfg),
-        "attention_bias": False,
         "attention_dropout": 0.0,
-        "mlp_bias": False,
         "initializer_range": cfg.init_std,
         "tie_word_embeddings": cfg.tie_embeddings,
         "bos_token_id": bos_token_id,
@@ -140,6 +178,24 @@ def _hf_config(
         "torch_dtype": str(dtype).removeprefix("torch."),
         "dtype": str(dtype).removeprefix("torch."),
         "use_cache": True,
+    }
+    if cfg.attn_bias:  # Qwen2: q/k/v biases are built in, there is no bias switch
+        return {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            **common,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "max_window_layers": cfg.n_layers,
+            "layer_types": ["full_attention"] * cfg.n_layers,
+        }
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        **common,
+        "head_dim": cfg.head_dim,
+        "attention_bias": False,
+        "mlp_bias": False,
     }
 
 
@@ -155,50 +211,115 @@ def _hf_rope(cfg: ModelConfig) -> dict[str, Any]:
     return rope
 
 
-def _rope_from_hf(rope: dict[str, Any]) -> dict[str, Any]:
-    """ModelConfig's RoPE-scaling fields from HF rope_parameters (5.x) or rope_scaling (4.x)."""
+def _rope_key(rope: dict[str, Any], key: str) -> Any:
+    if key not in rope:
+        raise ValueError(f"RoPE scaling {rope.get('rope_type')!r} needs rope_parameters[{key!r}]")
+    return rope[key]
+
+
+def _rope_from_hf(hf: dict[str, Any], max_positions: int) -> dict[str, Any]:
+    """ModelConfig's RoPE fields from HF rope_scaling (4.x) or rope_parameters (5.x), looked up
+    in transformers' order: rope_scaling wins, rope_theta falls back to the top level."""
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    if not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()):
+        raise ValueError(f"unsupported RoPE scaling {rope!r} (one flat dict expected, "
+                         f"not per-layer-type parameters)")
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise ValueError(f"unsupported partial_rotary_factor={partial} (RoPE on whole heads only)")
+    fields: dict[str, Any] = {
+        "rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))}
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "default":
-        return {}
+        return fields
     if kind not in ("linear", "llama3"):
-        raise ValueError(f"unsupported RoPE scaling {rope!r} (plain, linear or llama3 only)")
-    fields = {"rope_scaling": kind, "rope_factor": float(rope["factor"])}
+        raise ValueError(f"unsupported RoPE scaling rope_type={kind!r} in {rope!r} "
+                         f"(default, linear or llama3 only)")
+    fields |= {"rope_scaling": kind, "rope_factor": float(_rope_key(rope, "factor"))}
     if kind == "llama3":
-        fields |= {"rope_low_freq_factor": float(rope["low_freq_factor"]),
-                   "rope_high_freq_factor": float(rope["high_freq_factor"]),
-                   "rope_original_max_len": int(rope["original_max_position_embeddings"])}
+        original = rope.get("original_max_position_embeddings",
+                            hf.get("original_max_position_embeddings", max_positions))
+        fields |= {"rope_low_freq_factor": float(_rope_key(rope, "low_freq_factor")),
+                   "rope_high_freq_factor": float(_rope_key(rope, "high_freq_factor")),
+                   "rope_original_max_len": int(original)}
     return fields
 
 
 def _required(hf: dict[str, Any], key: str) -> Any:
-    if key not in hf:
+    if hf.get(key) is None:
         raise ValueError(f"HF config.json is missing required key {key!r}")
     return hf[key]
 
 
+def _sliding_window_check(hf: dict[str, Any], family: str, max_positions: int) -> None:
+    """Sliding-window attention is not implemented: accept a config only where it has no
+    effect (switched off, or a window covering every position the model can see)."""
+    window = hf.get("sliding_window")
+    if family == "mistral":
+        on, what = window is not None, "sliding_window"
+    elif family == "qwen2":
+        # transformers: the window applies when use_sliding_window is set, and then only to the
+        # layers marked sliding_attention (by default those from max_window_layers on).
+        layer_types = hf.get("layer_types")
+        if layer_types is not None:
+            odd = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+            if odd:
+                raise ValueError(f"unsupported layer_types entries {odd} (full_attention or "
+                                 f"sliding_attention only)")
+            sliding_layers = "sliding_attention" in layer_types
+        else:
+            sliding_layers = hf.get("max_window_layers", 28) < hf["num_hidden_layers"]
+        on = bool(hf.get("use_sliding_window", False)) and window is not None and sliding_layers
+        what = "use_sliding_window=true with sliding_window"
+    else:
+        return
+    if not on:
+        return
+    if not isinstance(window, int) or isinstance(window, bool):
+        raise ValueError(f"unsupported sliding_window={window!r} (an integer or null expected)")
+    if window < max_positions:
+        raise ValueError(
+            f"unsupported {what}={window} < max_position_embeddings={max_positions}: llmforge "
+            f"has no sliding-window attention, so this {family} model would compute differently"
+        )
+
+
 def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """Map an HF Llama config onto ModelConfig, refusing variants we would compute wrongly."""
+    """Map an HF llama/mistral/qwen2 config onto ModelConfig, refusing every setting we would
+    compute differently from transformers (each error names the config key)."""
+    family = hf.get("model_type")
+    if family not in HF_FAMILIES:
+        raise ValueError(f"unsupported model_type {family!r} ({', '.join(HF_FAMILIES)} only)")
+    if hf.get("quantization_config"):
+        method = hf["quantization_config"].get("quant_method", "?")
+        raise ValueError(f"unsupported quantization_config (quant_method={method!r}): "
+                         f"unquantized checkpoints only")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r} (only 'silu')")
-    for key in ("attention_bias", "mlp_bias"):
-        if hf.get(key, False):
-            raise ValueError(f"unsupported {key}=true (Llama without biases only)")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if family == "llama":
+        # Llama's attention_bias puts a bias on o_proj too; Qwen2 biases are q/k/v only.
+        for key in ("attention_bias", "mlp_bias"):
+            if hf.get(key, False):
+                raise ValueError(f"unsupported {key}=true (Llama without biases only)")
+    n_layers = _required(hf, "num_hidden_layers")
     n_heads = _required(hf, "num_attention_heads")
+    max_positions = hf.get("max_position_embeddings") or _MAX_POSITIONS_DEFAULT[family]
+    _sliding_window_check(hf, family, max_positions)
     cfg = ModelConfig(
         vocab_size=_required(hf, "vocab_size"),
         dim=_required(hf, "hidden_size"),
-        n_layers=_required(hf, "num_hidden_layers"),
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=hf.get("num_key_value_heads") or n_heads,
         ffn_hidden=_required(hf, "intermediate_size"),
-        max_seq_len=hf.get("max_position_embeddings", 2048),
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        max_seq_len=max_positions,
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=float(hf.get("initializer_range", 0.02)),
-        **_rope_from_hf(rope),
+        attn_bias=family == "qwen2",
+        **_rope_from_hf(hf, max_positions),
     )
+    cfg.validate()
     head_dim = hf.get("head_dim") or cfg.head_dim
     if head_dim != cfg.head_dim:
         raise ValueError(
@@ -208,23 +329,45 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     return cfg
 
 
+def _load_safetensors(file: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{file} is not a readable safetensors file: {msg}") from None
+
+
 def _read_tensors(path: Path) -> dict[str, Tensor]:
-    """All tensors of a single-file or sharded (index.json) safetensors checkpoint."""
+    """All tensors of a single-file or sharded (index.json) safetensors checkpoint.
+
+    Every file is read completely before anything is returned, so a damaged shard fails the
+    whole load; the index must agree with what the shards hold.
+    """
     index = path / INDEX_FILE
     if index.is_file():
-        files = sorted(set(_read_json(index)["weight_map"].values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no weight_map")
+        files = sorted(set(weight_map.values()))
     elif (path / WEIGHTS_FILE).is_file():
-        files = [WEIGHTS_FILE]
+        weight_map, files = None, [WEIGHTS_FILE]
     else:
         raise FileNotFoundError(f"no {WEIGHTS_FILE} or {INDEX_FILE} in {path}")
     tensors: dict[str, Tensor] = {}
+    origin: dict[str, str] = {}
     for name in files:
         if not (path / name).is_file():
             raise FileNotFoundError(f"shard {name} listed in {INDEX_FILE} is missing from {path}")
-        try:
-            tensors.update(load_file(path / name))
-        except SafetensorError as e:
-            raise ValueError(f"{path / name} is not a readable safetensors file: {e}") from None
+        for key, tensor in _load_safetensors(path / name).items():
+            if key in tensors:
+                raise ValueError(f"{path}: tensor {key} is stored twice, in {origin[key]} "
+                                 f"and {name}")
+            tensors[key], origin[key] = tensor, name
+    if weight_map is not None:
+        misplaced = {k for k, f in weight_map.items() if origin.get(k) != f}
+        if misplaced:
+            raise ValueError(f"{index} lists tensor(s) not found in the named shard: "
+                             f"{_names_list(misplaced)}")
     # Old HF checkpoints may carry the derived RoPE buffer; the model recomputes it.
     return {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
 
@@ -251,10 +394,18 @@ def _check_state(state: dict[str, Tensor], expected: dict[str, Tensor], where: P
 
 
 def load_model(
-    path: Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    path: Path | str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> Transformer:
-    """Load a native llmforge dir or a Hugging Face Llama dir (single-file or sharded)."""
-    path = Path(path)
+    """Load a native llmforge dir or a Hugging Face llama/mistral/qwen2 dir (single-file or
+    sharded safetensors); `path` may also be `hf://owner/name[@revision]`.
+
+    Nothing is returned unless every tensor the config implies is present with its shape and
+    no other tensor is.
+    """
+    path = resolve_model_path(path)
     config_path = path / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"no config.json in {path}")
@@ -262,12 +413,14 @@ def load_model(
     native = raw.get("format") == NATIVE_FORMAT
     if native:
         cfg = ModelConfig.from_dict({k: v for k, v in raw.items() if k != "format"})
-    elif raw.get("model_type") == "llama":
-        cfg = _config_from_hf(raw)
     elif "model_type" in raw:
-        raise ValueError(f"unsupported model_type {raw['model_type']!r} in {config_path}")
+        try:
+            cfg = _config_from_hf(raw)
+        except ValueError as e:
+            raise ValueError(f"{config_path}: {e}") from None
     else:
-        raise ValueError(f"{config_path} is neither an llmforge nor a Hugging Face Llama config")
+        raise ValueError(f"{config_path} is neither an llmforge nor a Hugging Face "
+                         f"({', '.join(HF_FAMILIES)}) config")
     tensors = _read_tensors(path)
     with torch.device(device):
         model = Transformer(cfg)

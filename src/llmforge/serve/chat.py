@@ -1,17 +1,16 @@
-"""`llmforge chat`: a terminal conversation with a model directory, streamed as generated."""
+"""`llmforge chat`: a terminal conversation with a model, streamed as generated."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TextIO
 
 import torch
 
 from llmforge.model.generate import generate
-from llmforge.model.io import load_model
-from llmforge.tokenizer import load_tokenizer, render_prompt, stop_ids
+from llmforge.serve.chat_model import open_chat_model
 from llmforge.train.device import pick_device
 
 HELP = "commands: /reset clears the history, /system TEXT sets a system prompt, /quit leaves"
@@ -33,17 +32,14 @@ def stream_text(tok, token_ids: Iterable[int]) -> Iterator[str]:
         yield rest
 
 
-def chat_loop(model_dir: Path, *, temperature: float, top_k: int, top_p: float,
+def chat_loop(model: str | Path, *, temperature: float, top_k: int, top_p: float,
               max_new_tokens: int, seed: int | None, stdin: TextIO = sys.stdin,
               stdout: TextIO = sys.stdout) -> None:
-    if not (model_dir / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: no tokenizer.json (is this a model directory?)")
-    model = load_model(model_dir, device=pick_device())
-    tok = load_tokenizer(model_dir / "tokenizer.json")
-    stops = stop_ids(tok)
+    """Converse with a model directory, an HF directory, `hf://owner/name` or `gguf:PATH`."""
+    chat = open_chat_model(str(model), device=pick_device())
     system: str | None = None
     history: list[dict] = []
-    print(f"chatting with {model_dir} ({HELP})", file=stdout)
+    print(f"chatting with {chat.name} ({HELP})", file=stdout)
     while True:
         stdout.write("\n> ")
         stdout.flush()
@@ -60,17 +56,18 @@ def chat_loop(model_dir: Path, *, temperature: float, top_k: int, top_p: float,
             print(f"(system prompt: {system!r})", file=stdout)
             continue
         history.append({"role": "user", "content": line})
-        context = model.cfg.max_seq_len
-        prompt = _fit_prompt(tok, system, history, context - min(max_new_tokens, context // 2))
+        context = chat.model.cfg.max_seq_len
+        budget = context - min(max_new_tokens, context // 2)
+        prompt = _fit_prompt(chat.prompt_ids, system, history, budget)
         if prompt is None:
             print("(message too long for this model's context; try a shorter one)", file=stdout)
             history.pop()
             continue
         with torch.inference_mode():
-            tokens = generate(model, prompt, max_new_tokens, temperature=temperature,
-                              top_k=top_k, top_p=top_p, stop_ids=stops, seed=seed)
+            tokens = generate(chat.model, prompt, max_new_tokens, temperature=temperature,
+                              top_k=top_k, top_p=top_p, stop_ids=chat.stop_ids, seed=seed)
             reply = ""
-            for piece in stream_text(tok, tokens):
+            for piece in stream_text(chat.tokenizer, tokens):
                 stdout.write(piece)
                 stdout.flush()
                 reply += piece
@@ -78,12 +75,13 @@ def chat_loop(model_dir: Path, *, temperature: float, top_k: int, top_p: float,
         history.append({"role": "assistant", "content": reply})
 
 
-def _fit_prompt(tok, system: str | None, history: list[dict], budget: int) -> list[int] | None:
+def _fit_prompt(prompt_ids: Callable[[list[dict]], list[int]], system: str | None,
+                history: list[dict], budget: int) -> list[int] | None:
     """The prompt for the newest turns that fit in `budget` tokens; older turns are dropped
     from `history` in place, a user/assistant pair at a time."""
     while True:
         messages = ([{"role": "system", "content": system}] if system else []) + history
-        prompt = render_prompt(tok, messages)
+        prompt = prompt_ids(messages)
         if len(prompt) <= budget:
             return prompt
         if len(history) <= 1:

@@ -1,0 +1,1 @@
+"""Moving models between llmforge and other runtimes' file formats."""
