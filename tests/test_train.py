@@ -342,6 +342,21 @@ def test_muon_with_checkpointing_and_trackers(tmp_path):
     assert list((ctx.dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_benchmark_scores_are_logged_at_each_evaluation(tmp_path):
+    ctx = make_ctx(tmp_path)
+    model = new_model()
+    calls = []
+
+    def benchmark() -> dict[str, float]:
+        calls.append(model.training)
+        return {"core": 0.125}
+
+    train(model, small_cfg(max_steps=8, eval_every=4), RandomWindows(TOKENS, 16, 4, seed=0),
+          ctx, benchmark=benchmark)
+    assert [r["step"] for r in read_metrics(ctx) if "core" in r] == [4, 8]
+    assert len(calls) == 2 and model.training
+
+
 def test_grad_accum_draws_every_micro_batch(tmp_path):
     calls = []
     source = RandomWindows(TOKENS, 16, 2, seed=0)

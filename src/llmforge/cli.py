@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
             "their outputs are current."))
         _add_recipe_args(p)
         p.set_defaults(handler=lambda a, v=verb: _run_stages(a, [v]))
+        if verb == "eval":
+            _add_benchmark_args(p)
     p = sub.add_parser("run", help="run every stage a recipe lists, skipping finished ones",
                        description="Run the stages listed in the recipe's `stages:` in order.")
     _add_recipe_args(p)
@@ -95,6 +97,42 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", nargs="*", metavar="STAGE", default=None,
                    help="rerun these stages (default with no names: the stage asked for) and, "
                    "through their new outputs, everything downstream")
+
+
+def _add_benchmark_args(p: argparse.ArgumentParser) -> None:
+    p.description += (" With --model, benchmark any model on tasks instead; with --compare, "
+                      "put two benchmark runs side by side.")
+    p.add_argument("--model", help="benchmark this model (a model directory, hf://owner/name or "
+                   "gguf:PATH) on --tasks, writing eval.json, items/ and report.html to --out")
+    p.add_argument("--tasks", default="arc_easy,arc_challenge,hellaswag",
+                   help="built-in task names or task YAML paths, comma-separated")
+    p.add_argument("--limit", type=int, default=0, help="first N items of each task (0 = all)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"), type=Path,
+                   help="two eval.json files (or their directories): differences and their "
+                   "standard errors")
+    p.set_defaults(handler=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """The eval stage of a recipe, or a benchmark run (--model), or a comparison (--compare)."""
+    if args.compare:
+        from llmforge.eval.suite import compare, format_comparison
+
+        a, b = (p / "eval.json" if p.is_dir() else p for p in args.compare)
+        print(format_comparison(compare(a, b), str(a), str(b)))
+        return 0
+    if args.model:
+        from llmforge.eval.suite import run_suite
+        from llmforge.train.device import pick_device
+
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        run_suite(args.model, tasks, args.out, limit=args.limit, device=pick_device(),
+                  batch_size=args.batch_size)
+        print(f"wrote {args.out / 'eval.json'} and {args.out / 'report.html'}")
+        return 0
+    return _run_stages(args, ["eval"])
 
 
 def _run_stages(args: argparse.Namespace, targets: list[str] | None) -> int:

@@ -93,9 +93,25 @@ def run_pretrain(ctx: StageContext) -> dict:
         total, count = evaluate.summed_loss(model, windows, cfg.dtype)
         return total / count
 
-    summary = loop.train(model, cfg, batches, ctx, evaluate=val_loss)
+    summary = loop.train(model, cfg, batches, ctx, evaluate=val_loss,
+                         benchmark=_core_benchmark(model, tok, cfg) if cfg.core_tasks else None)
     _save_model_dir(model, ctx, tok_path=_tokenizer_path(ctx))
     return {**summary, "params": params}
+
+
+def _core_benchmark(model: Transformer, tok, cfg: loop.TrainConfig):
+    """The CORE-like aggregate of cfg.core_tasks on the model as it trains."""
+    from llmforge.eval.benchmarks import core_score, evaluate_task
+    from llmforge.eval.lm import LanguageModel
+    from llmforge.eval.tasks import load_task
+
+    tasks = [load_task(name) for name in cfg.core_tasks]
+
+    def benchmark() -> dict[str, float]:
+        lm = LanguageModel(model, tok, prefix_id=tok.token_to_id(BOS))
+        return {"core": core_score([evaluate_task(lm, t, limit=cfg.core_limit) for t in tasks])}
+
+    return benchmark
 
 
 def run_sft(ctx: StageContext) -> dict:

@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 
 from llmforge.model.io import NATIVE_FORMAT, load_model, resolve_model_path
 from llmforge.model.transformer import Transformer
-from llmforge.tokenizer import load_tokenizer, render_prompt, stop_ids
+from llmforge.tokenizer import BOS, load_tokenizer, render_prompt, stop_ids
 from llmforge.tokenizer.templates import load_chat_template, render_chat_template
 
 GGUF_PREFIX = "gguf:"
@@ -36,6 +36,7 @@ class ChatModel:
     tokenizer: Tokenizer
     prompt_ids: Callable[[list[dict]], list[int]]  # messages -> ids ending in the reply's start
     stop_ids: list[int]
+    bos_id: int | None = None  # the sequence-start token, where the tokenizer has one
 
 
 def open_chat_model(spec: str, device: str | torch.device = "cpu") -> ChatModel:
@@ -49,7 +50,7 @@ def open_chat_model(spec: str, device: str | torch.device = "cpu") -> ChatModel:
     if _read_json(path / "config.json").get("format") == NATIVE_FORMAT:
         tok = load_tokenizer(path / "tokenizer.json")
         return ChatModel(spec, model, tok, lambda messages: render_prompt(tok, messages),
-                         stop_ids(tok))
+                         stop_ids(tok), tok.token_to_id(BOS))
     template = load_chat_template(path)
     if template is None:
         raise ValueError(f"{path}: no chat template (tokenizer_config.json 'chat_template' or "
@@ -59,8 +60,9 @@ def open_chat_model(spec: str, device: str | torch.device = "cpu") -> ChatModel:
     specials = {key: _token_text(config.get(key)) for key in ("bos_token", "eos_token")}
     eos = _ids(_read_json(path / "generation_config.json").get("eos_token_id"))
     eos += _ids(tok.token_to_id(specials["eos_token"]) if specials["eos_token"] else None)
+    bos = tok.token_to_id(specials["bos_token"]) if specials["bos_token"] else None
     return ChatModel(spec, model, tok, _template_prompt(tok, template, specials),
-                     _require_stops(sorted(set(eos)), path))
+                     _require_stops(sorted(set(eos)), path), bos)
 
 
 def _open_gguf(path: Path, device: str | torch.device) -> ChatModel:
@@ -71,7 +73,7 @@ def _open_gguf(path: Path, device: str | torch.device) -> ChatModel:
         raise ValueError(f"{path}: the GGUF file has no tokenizer.chat_template")
     stops = _require_stops(_ids(gguf.eos_id), path)
     prompt = _template_prompt(gguf.tokenizer, gguf.chat_template, gguf.special_tokens)
-    return ChatModel(f"{GGUF_PREFIX}{path}", model, gguf.tokenizer, prompt, stops)
+    return ChatModel(f"{GGUF_PREFIX}{path}", model, gguf.tokenizer, prompt, stops, gguf.bos_id)
 
 
 def _template_prompt(tok: Tokenizer, template: str,

@@ -65,6 +65,10 @@ class TrainConfig:
     parallel: str = "ddp"  # under torchrun: ddp (replicas) or fsdp (FSDP2 sharding)
     activation_checkpointing: bool = False  # recompute block activations in backward
     doc_masking: bool = False  # attention stays inside each document of a packed window
+    # Benchmarks scored at every evaluation (built-in task names), aggregated CORE-like:
+    # accuracy above chance, averaged. core_limit items of each keep it quick.
+    core_tasks: list[str] = field(default_factory=list)
+    core_limit: int = 200
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
@@ -141,6 +145,7 @@ def train(
     ctx: StageContext,
     *,
     evaluate: Callable[[], float] | None = None,
+    benchmark: Callable[[], dict[str, float]] | None = None,
 ) -> dict:
     """Train `model` in place for cfg.max_steps, resuming from ctx.dir/checkpoints if present.
 
@@ -216,6 +221,12 @@ def train(
                 val_loss = evaluate()
                 record["val_loss"] = round(val_loss, 5)
                 ctx.log.info(f"step {done}: train loss {loss_sum:.4f}, val loss {val_loss:.4f}")
+                model.train()
+            if benchmark and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+                scores = benchmark()
+                record |= {k: round(v, 5) for k, v in scores.items()}
+                ctx.log.info(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in
+                                                          scores.items()))
                 model.train()
             ctx.metrics(**record)
             trackers.log(record)
