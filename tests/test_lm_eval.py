@@ -20,7 +20,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from llmforge.eval.benchmarks import evaluate_task  # noqa: E402
 from llmforge.eval.lm import LanguageModel  # noqa: E402
-from llmforge.eval.lm_eval_adapter import LlmforgeLM, prefix_id  # noqa: E402
+from llmforge.eval.lm_eval_adapter import LlmforgeLM  # noqa: E402
 from llmforge.eval.suite import language_model  # noqa: E402
 from llmforge.eval.tasks import load_task  # noqa: E402
 from llmforge.model.config import ModelConfig  # noqa: E402
@@ -79,7 +79,7 @@ def direct_scores(spec: str, records: list[dict]) -> dict[str, float]:
     logprob by the choice's length in characters (without the delimiter space); ties go to the
     first choice (np.argmax)."""
     chat = open_chat_model(spec)
-    lm = LanguageModel(chat.model, chat.tokenizer, prefix_id=prefix_id(spec, chat),
+    lm = LanguageModel(chat.model, chat.tokenizer, prefix_id=chat.prefix_id,
                        stop_ids=tuple(chat.stop_ids), batch_size=16)
     pairs = [(r["query"] + "\nAnswer:", " " + c) for r in records for c in r["choices"]]
     scores = iter(lm.loglikelihood(pairs))
@@ -117,7 +117,7 @@ def test_generate_until_stops_at_the_newline(harness, model_dir):
     samples = harness["samples"][ARITHMETIC]
     assert len(samples) == 10
     chat = open_chat_model(str(model_dir))
-    lm = LanguageModel(chat.model, chat.tokenizer, prefix_id=prefix_id(str(model_dir), chat),
+    lm = LanguageModel(chat.model, chat.tokenizer, prefix_id=chat.prefix_id,
                        stop_ids=tuple(chat.stop_ids))
     prompts = [s["arguments"][0][0] for s in samples]
     assert prompts[0].startswith("Q: What is ") and prompts[0].endswith("?\nA:")
@@ -154,7 +154,7 @@ def test_adapter_cuts_generation_at_each_requests_stop(model_dir):
 
 def test_prefix_is_bos_for_our_models(model_dir):
     chat = open_chat_model(str(model_dir))
-    assert prefix_id(str(model_dir), chat) == chat.tokenizer.token_to_id("<|bos|>")
+    assert chat.prefix_id == chat.tokenizer.token_to_id("<|bos|>")
 
 
 def test_command_line(harness, model_dir, task_dir, tmp_path):

@@ -159,21 +159,26 @@ def test_parameter_shapes_are_checked():
     Muon([nn.Parameter(torch.zeros(2, 3, 4))])  # stacked experts are accepted
 
 
+def _train_plain_and_sharded(hidden: int, out: int):
+    """A small MLP and its fully_shard copy, each trained 3 steps with Muon on the same data
+    (needs a process group); returns (plain, sharded, sharded's optimizer)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 8), torch.randn(32, out)
+    plain = nn.Sequential(nn.Linear(8, hidden, bias=False), nn.Tanh(),
+                          nn.Linear(hidden, out, bias=False))
+    sharded = copy.deepcopy(plain)
+    fully_shard(sharded)
+    opt_sharded = Muon(sharded.parameters(), weight_decay=0.1)
+    _train(plain, [Muon(plain.parameters(), weight_decay=0.1)], x, y, steps=3)
+    _train(sharded, [opt_sharded], x, y, steps=3)
+    return plain, sharded, opt_sharded
+
+
 def test_fully_shard_matches_unsharded(tmp_path):
     """FSDP2 on one gloo rank: the DTensor path (gather, orthogonalise, re-shard) is taken."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:
-        torch.manual_seed(0)
-        x, y = torch.randn(32, 8), torch.randn(32, 4)
-        plain = nn.Sequential(nn.Linear(8, 16, bias=False), nn.Tanh(),
-                              nn.Linear(16, 4, bias=False))
-        sharded = copy.deepcopy(plain)
-        fully_shard(sharded)
-        opt_plain = Muon(plain.parameters(), weight_decay=0.1)
-        opt_sharded = Muon(sharded.parameters(), weight_decay=0.1)
-        _train(plain, [opt_plain], x, y, steps=3)
-        _train(sharded, [opt_sharded], x, y, steps=3)
-
+        plain, sharded, opt_sharded = _train_plain_and_sharded(hidden=16, out=4)
         for p_plain, p_sharded in zip(plain.parameters(), sharded.parameters(), strict=True):
             assert isinstance(p_sharded, DTensor) and isinstance(p_sharded.grad, DTensor)
             buf = opt_sharded.state[p_sharded]["momentum_buffer"]
@@ -188,19 +193,10 @@ def _two_rank_worker(rank: int, store: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        torch.manual_seed(0)
-        x, y = torch.randn(32, 8), torch.randn(32, 5)
         # 7 and 5 rows split unevenly over 2 ranks: shards of 4+3 and 3+2 rows.
-        plain = nn.Sequential(nn.Linear(8, 7, bias=False), nn.Tanh(),
-                              nn.Linear(7, 5, bias=False))
-        sharded = copy.deepcopy(plain)
-        fully_shard(sharded)
+        plain, sharded, _ = _train_plain_and_sharded(hidden=7, out=5)
         expected_rows = [(4, 3), (3, 2)][rank]
         assert tuple(p.to_local().shape[0] for p in sharded.parameters()) == expected_rows
-        opt_plain = Muon(plain.parameters(), weight_decay=0.1)
-        opt_sharded = Muon(sharded.parameters(), weight_decay=0.1)
-        _train(plain, [opt_plain], x, y, steps=3)
-        _train(sharded, [opt_sharded], x, y, steps=3)
         for p_plain, p_sharded in zip(plain.parameters(), sharded.parameters(), strict=True):
             torch.testing.assert_close(p_sharded.detach().full_tensor(), p_plain.detach(),
                                        atol=1e-6, rtol=0)

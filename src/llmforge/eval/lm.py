@@ -41,6 +41,12 @@ class LanguageModel:
         self.max_len = model.cfg.max_seq_len
         self.device = model.tok_emb.weight.device
 
+    @classmethod
+    def for_chat(cls, chat, batch_size: int = 16) -> LanguageModel:
+        """An opened `serve.chat_model.ChatModel` wrapped for scoring (prefix: its prefix_id)."""
+        return cls(chat.model, chat.tokenizer, prefix_id=chat.prefix_id,
+                   stop_ids=tuple(chat.stop_ids), batch_size=batch_size)
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids if text else []
 

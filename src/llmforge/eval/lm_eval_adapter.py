@@ -32,10 +32,8 @@ token: BOS when the model has one, else its first stop id). Generation is greedy
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
-from pathlib import Path
 
 import lm_eval.models  # noqa: F401  (lm-eval fills its registry lazily only while it is empty)
 import torch
@@ -44,13 +42,11 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import simple_parse_args_string
 
 from llmforge.eval.lm import LanguageModel
-from llmforge.serve.chat_model import GGUF_PREFIX, ChatModel, open_chat_model
+from llmforge.serve.chat_model import ChatModel, open_chat_model
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "llmforge"
-# BOS spellings of the tokenizers we open; the first one present in the vocabulary wins.
-_BOS_TOKENS = ("<|bos|>", "<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
 
 
 class LlmforgeLM(LM):
@@ -65,10 +61,8 @@ class LlmforgeLM(LM):
         self._device = _device(device)
         self.chat: ChatModel = open_chat_model(self.path, self._device)
         self.max_gen_toks = int(max_gen_toks)
-        self.prefix_id = prefix_id(self.path, self.chat)
-        self.lm = LanguageModel(self.chat.model, self.chat.tokenizer, prefix_id=self.prefix_id,
-                                stop_ids=tuple(self.chat.stop_ids),
-                                batch_size=_batch_size(batch_size))
+        self.prefix_id = self.chat.prefix_id
+        self.lm: LanguageModel = LanguageModel.for_chat(self.chat, _batch_size(batch_size))
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
@@ -148,40 +142,6 @@ class LlmforgeLM(LM):
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
         return self.tokenizer_name if chat_template else ""
-
-
-def prefix_id(spec: str, chat: ChatModel) -> int:
-    """The token that text with no context is scored after: BOS if the model has one, else EOS."""
-    bos = _declared_bos(spec)
-    if bos is None:
-        vocab = chat.tokenizer.get_vocab(with_added_tokens=True)
-        bos = next((vocab[t] for t in _BOS_TOKENS if t in vocab), None)
-    return bos if bos is not None else chat.stop_ids[0]
-
-
-def _declared_bos(spec: str) -> int | None:
-    """BOS id as a GGUF file's metadata or an HF directory's config names it, if it does."""
-    if spec.startswith(GGUF_PREFIX):
-        from gguf import GGUFReader
-
-        field = GGUFReader(Path(spec.removeprefix(GGUF_PREFIX))).fields.get(
-            "tokenizer.ggml.bos_token_id")
-        return int(field.contents()) if field is not None else None
-    try:
-        from llmforge.model.io import resolve_model_path
-
-        path = resolve_model_path(spec)
-    except Exception:  # noqa: BLE001  (no declared BOS then; the vocabulary is asked next)
-        return None
-    for name in ("generation_config.json", "config.json"):
-        file = Path(path) / name
-        if file.is_file():
-            value = json.loads(file.read_text()).get("bos_token_id")
-            if isinstance(value, list):
-                value = value[0] if value else None
-            if value is not None:
-                return int(value)
-    return None
 
 
 def _device(device: str | None) -> str:

@@ -26,10 +26,7 @@ from llmforge.serve.chat_model import open_chat_model
 
 def language_model(spec: str, device: str = "cpu", batch_size: int = 16) -> LanguageModel:
     """Any model `llmforge chat` opens, wrapped for scoring (prefix: BOS, else the first stop)."""
-    chat = open_chat_model(spec, device=device)
-    prefix = chat.bos_id if chat.bos_id is not None else chat.stop_ids[0]
-    return LanguageModel(chat.model, chat.tokenizer, prefix_id=prefix,
-                         stop_ids=tuple(chat.stop_ids), batch_size=batch_size)
+    return LanguageModel.for_chat(open_chat_model(spec, device=device), batch_size)
 
 
 def run_suite(spec: str, tasks: list[str], out_dir: Path, *, limit: int = 0,

@@ -26,6 +26,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from torch import Tensor
 
 from llmforge.model.config import ModelConfig
+from llmforge.model.io import _check_state, _names_list
 from llmforge.model.transformer import Transformer, rope_frequencies
 
 ARCH = "llama"
@@ -191,12 +192,6 @@ def _metadata(reader) -> dict[str, Any]:
         except Exception as e:
             raise ValueError(f"GGUF metadata key {name!r} is unreadable: {e}") from None
     return meta
-
-
-def _names_list(names, limit: int = 5) -> str:
-    names = sorted(names)
-    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
 
 
 def _gguf_names(cfg: ModelConfig) -> dict[str, str]:
@@ -523,12 +518,7 @@ def load_gguf_model(
     g = read_gguf(path)
     with torch.device(device):
         model = Transformer(g.config)
-    expected = model.state_dict()
-    missing, unexpected = set(expected) - set(g.state), set(g.state) - set(expected)
-    if missing:
-        raise ValueError(f"{path}: missing tensor(s) {_names_list(missing)}")
-    if unexpected:
-        raise ValueError(f"{path}: unexpected tensor(s) {_names_list(unexpected)}")
+    _check_state(g.state, model.state_dict(), Path(path))
     model.load_state_dict(g.state, strict=True)
     return model.eval(), g
 

@@ -118,8 +118,9 @@ class Attention(nn.Module):
         sin: Tensor,
         cache: KVCache | None,
         layer: int,
-        doc_ids: Tensor | None = None,
+        mask: dict,
     ) -> Tensor:
+        """`mask` is SDPA's masking arguments for these positions (`causal_mask_args`)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -128,14 +129,12 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        start = 0
         if cache is not None:
-            start = cache.length
             k, v = cache.update(layer, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)  # cache is in model dtype; q may be autocast bf16
         gqa = self.n_kv_heads < self.n_heads
         y = F.scaled_dot_product_attention(
-            q, k, v, **causal_mask_args(T, start, x.device, doc_ids), enable_gqa=gqa
+            q, k, v, **mask, enable_gqa=gqa
         )
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -193,10 +192,10 @@ class Block(nn.Module):
         sin: Tensor,
         cache: KVCache | None,
         layer: int,
-        doc_ids: Tensor | None = None,
+        mask: dict,
     ) -> tuple[Tensor, Tensor | None]:
         """The new residual stream and, for a mixture-of-experts block, its load-balancing loss."""
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, doc_ids)
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, mask)
         if isinstance(self.mlp, MoE):
             y, aux = self.mlp(self.mlp_norm(x))
             return x + y, aux
@@ -287,13 +286,14 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {start + T} exceeds the limit of {limit} positions")
         cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         x = self.tok_emb(idx)
+        mask = causal_mask_args(T, start, idx.device, doc_ids)  # once, shared by every layer
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         aux_losses = []
         for i, layer in enumerate(self.layers):
             if recompute:
-                x, aux = checkpoint(layer, x, cos, sin, cache, i, doc_ids, use_reentrant=False)
+                x, aux = checkpoint(layer, x, cos, sin, cache, i, mask, use_reentrant=False)
             else:
-                x, aux = layer(x, cos, sin, cache, i, doc_ids)
+                x, aux = layer(x, cos, sin, cache, i, mask)
             if aux is not None:
                 aux_losses.append(aux)
         if cache is not None:

@@ -27,6 +27,8 @@ from llmforge.tokenizer import BOS, load_tokenizer, render_prompt, stop_ids
 from llmforge.tokenizer.templates import load_chat_template, render_chat_template
 
 GGUF_PREFIX = "gguf:"
+# BOS spellings of the tokenizers we open; the first one present in the vocabulary wins.
+_BOS_TOKENS = ("<|bos|>", "<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
 
 
 @dataclass
@@ -37,6 +39,11 @@ class ChatModel:
     prompt_ids: Callable[[list[dict]], list[int]]  # messages -> ids ending in the reply's start
     stop_ids: list[int]
     bos_id: int | None = None  # the sequence-start token, where the tokenizer has one
+
+    @property
+    def prefix_id(self) -> int:
+        """The token text with no context is scored after: BOS if there is one, else a stop."""
+        return self.bos_id if self.bos_id is not None else self.stop_ids[0]
 
 
 def open_chat_model(spec: str, device: str | torch.device = "cpu") -> ChatModel:
@@ -50,7 +57,7 @@ def open_chat_model(spec: str, device: str | torch.device = "cpu") -> ChatModel:
     if _read_json(path / "config.json").get("format") == NATIVE_FORMAT:
         tok = load_tokenizer(path / "tokenizer.json")
         return ChatModel(spec, model, tok, lambda messages: render_prompt(tok, messages),
-                         stop_ids(tok), tok.token_to_id(BOS))
+                         stop_ids(tok), _vocab_bos(tok, tok.token_to_id(BOS)))
     template = load_chat_template(path)
     if template is None:
         raise ValueError(f"{path}: no chat template (tokenizer_config.json 'chat_template' or "
@@ -61,6 +68,10 @@ def open_chat_model(spec: str, device: str | torch.device = "cpu") -> ChatModel:
     eos = _ids(_read_json(path / "generation_config.json").get("eos_token_id"))
     eos += _ids(tok.token_to_id(specials["eos_token"]) if specials["eos_token"] else None)
     bos = tok.token_to_id(specials["bos_token"]) if specials["bos_token"] else None
+    if bos is None:  # else the id generation_config.json or config.json declares
+        bos = next((ids[0] for name in ("generation_config.json", "config.json")
+                    if (ids := _ids(_read_json(path / name).get("bos_token_id")))), None)
+    bos = _vocab_bos(tok, bos)
     return ChatModel(spec, model, tok, _template_prompt(tok, template, specials),
                      _require_stops(sorted(set(eos)), path), bos)
 
@@ -73,7 +84,8 @@ def _open_gguf(path: Path, device: str | torch.device) -> ChatModel:
         raise ValueError(f"{path}: the GGUF file has no tokenizer.chat_template")
     stops = _require_stops(_ids(gguf.eos_id), path)
     prompt = _template_prompt(gguf.tokenizer, gguf.chat_template, gguf.special_tokens)
-    return ChatModel(f"{GGUF_PREFIX}{path}", model, gguf.tokenizer, prompt, stops, gguf.bos_id)
+    return ChatModel(f"{GGUF_PREFIX}{path}", model, gguf.tokenizer, prompt, stops,
+                     _vocab_bos(gguf.tokenizer, gguf.bos_id))
 
 
 def _template_prompt(tok: Tokenizer, template: str,
@@ -92,6 +104,14 @@ def _require_stops(ids: list[int], where: Path) -> list[int]:
         raise ValueError(f"{where}: no eos token id to stop generation at; a chat model without "
                          f"one would never stop")
     return ids
+
+
+def _vocab_bos(tok: Tokenizer, bos: int | None) -> int | None:
+    """`bos`, or where none is declared, the first well-known BOS spelling in the vocabulary."""
+    if bos is not None:
+        return bos
+    vocab = tok.get_vocab(with_added_tokens=True)
+    return next((vocab[t] for t in _BOS_TOKENS if t in vocab), None)
 
 
 def _ids(value) -> list[int]:

@@ -8,11 +8,10 @@ so a checkpoint written by N ranks (DDP, FSDP2 or one process) loads into any ot
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,8 +39,7 @@ def save(root: Path, step: int, model: nn.Module, optimizers: list[torch.optim.O
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     distributed.barrier()
-    with _quiet_single_process():
-        dcp.save(_state(model, optimizers), checkpoint_id=tmp, no_dist=_single_process())
+    _dcp(dcp.save, _state(model, optimizers), tmp)
     torch.save(_rng_state(), tmp / f"rng_rank{dist.rank}.pt")
     distributed.barrier()  # every rank's files are complete before the rename publishes them
     if dist.is_main:
@@ -71,8 +69,7 @@ def resume(root: Path, model: nn.Module,
         return 0, {}
     latest = found[-1]
     state = _state(model, optimizers)
-    with _quiet_single_process():
-        dcp.load(state, checkpoint_id=latest, no_dist=_single_process())
+    _dcp(dcp.load, state, latest)
     set_model_state_dict(model, state["model"])
     for i, optimizer in enumerate(optimizers):
         set_optimizer_state_dict(model, optimizer, state[f"optimizer_{i}"])
@@ -87,21 +84,16 @@ def resume(root: Path, model: nn.Module,
 def load_weights(path: Path, model: nn.Module) -> None:
     """Only the model weights of a checkpoint directory, into a model of any sharding."""
     state = {"model": get_model_state_dict(model)}
-    with _quiet_single_process():
-        dcp.load(state, checkpoint_id=path, no_dist=_single_process())
+    _dcp(dcp.load, state, path)
     set_model_state_dict(model, state["model"])
 
 
-def _single_process() -> bool:
-    return distributed.info().world_size == 1
-
-
-@contextlib.contextmanager
-def _quiet_single_process() -> Iterator[None]:
-    """DCP warns on every call without a process group, which is how one process runs."""
+def _dcp(op: Callable[..., object], state: dict, path: Path) -> None:
+    """dcp.save or dcp.load of `state` at `path`; one process runs without a process group,
+    for which DCP warns on every call, so that warning is silenced."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-        yield
+        op(state, checkpoint_id=path, no_dist=distributed.info().world_size == 1)
 
 
 def _state(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict:

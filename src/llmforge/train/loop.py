@@ -119,15 +119,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def make_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
     """AdamW (fused where the device supports it), or Muon for hidden matrices plus AdamW."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizers: list[torch.optim.Optimizer] = []
     if cfg.optimizer == "muon":
-        hidden, _ = split_for_muon(named)
+        hidden, params = split_for_muon(model.named_parameters())
         optimizers.append(Muon(hidden, lr=cfg.lr, momentum=cfg.muon_momentum,
                                weight_decay=cfg.weight_decay))
-        taken = {id(p) for p in hidden}
-        named = [(n, p) for n, p in named if id(p) not in taken]
-    params = [p for _, p in named]
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},

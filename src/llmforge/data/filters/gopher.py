@@ -78,7 +78,7 @@ class GopherQuality:
         if hashes > self.max_symbol_word_ratio:
             return Drop("gopher_too_many_hashes",
                         f"{hashes:.3f} '#' per token > {self.max_symbol_word_ratio}")
-        ellipses = (text.count("...") + text.count("…")) / n_tokens
+        ellipses = sum(map(text.count, ELLIPSES)) / n_tokens
         if ellipses > self.max_symbol_word_ratio:
             return Drop("gopher_too_many_ellipses",
                         f"{ellipses:.3f} ellipses per token > {self.max_symbol_word_ratio}")
