@@ -263,6 +263,31 @@ class Transformer(nn.Module):
         shape = (c.n_layers, batch_size, c.n_kv_heads, max_len, c.head_dim)
         return KVCache(*shape, device=w.device, dtype=w.dtype)
 
+    def hidden_states(
+        self, idx: Tensor, cos: Tensor, sin: Tensor, cache, mask: dict
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Final-norm hidden states of idx and any mixture-of-experts balancing losses.
+
+        `cos`/`sin` are the RoPE rows of idx's positions ([T, D], or [B, 1, T, D] when each
+        row sits at its own positions); `cache` is anything with `update(layer, k, v)`
+        returning the keys and values to attend to, `mask` SDPA's masking arguments for them.
+        """
+        x = self.tok_emb(idx)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        aux_losses = []
+        for i, layer in enumerate(self.layers):
+            if recompute:
+                x, aux = checkpoint(layer, x, cos, sin, cache, i, mask, use_reentrant=False)
+            else:
+                x, aux = layer(x, cos, sin, cache, i, mask)
+            if aux is not None:
+                aux_losses.append(aux)
+        return self.norm(x), aux_losses
+
+    def logits(self, x: Tensor) -> Tensor:
+        """float32 next-token logits of final hidden states."""
+        return F.linear(x, self.output_weight).float()
+
     def forward(
         self,
         idx: Tensor,
@@ -285,22 +310,12 @@ class Transformer(nn.Module):
         if start + T > limit:
             raise ValueError(f"sequence length {start + T} exceeds the limit of {limit} positions")
         cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
-        x = self.tok_emb(idx)
         mask = causal_mask_args(T, start, idx.device, doc_ids)  # once, shared by every layer
-        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        aux_losses = []
-        for i, layer in enumerate(self.layers):
-            if recompute:
-                x, aux = checkpoint(layer, x, cos, sin, cache, i, mask, use_reentrant=False)
-            else:
-                x, aux = layer(x, cos, sin, cache, i, mask)
-            if aux is not None:
-                aux_losses.append(aux)
+        x, aux_losses = self.hidden_states(idx, cos, sin, cache, mask)
         if cache is not None:
             cache.length += T
-        x = self.norm(x)
         if targets is None:
-            return F.linear(x, self.output_weight).float()
+            return self.logits(x)
         loss = linear_cross_entropy(
             x, self.output_weight, targets, reduction=reduction, chunk_rows=self.loss_chunk_rows,
             z_loss=self.cfg.z_loss if self.training else 0.0,
