@@ -125,6 +125,7 @@ class Engine:
         self._prefilling: list[_Sequence] = []
         self._decoding: list[_Sequence] = []  # _decoding[i].slot == i
         self._active: dict[str, _Request] = {}  # admitted and not finished
+        self.prefix_tokens_reused = 0  # prompt tokens copied from the cache instead of computed
         self._generator = torch.Generator(device=self.device)
         self._generator.seed()
         self._ids = itertools.count()
@@ -285,6 +286,7 @@ class Engine:
         if best_slot in self._pool:
             self._pool.move_to_end(best_slot)
         self.cache.copy(best_slot, slot, best)
+        self.prefix_tokens_reused += best
         return best
 
     def _prefill(self) -> None:
