@@ -84,6 +84,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(handler=_chat)
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                       description="Serves a model (the same sources as `chat`) at "
+                       "/v1/completions and /v1/chat/completions (streaming too), with "
+                       "/v1/models, /tokenize, /detokenize, /health, Prometheus /metrics and a "
+                       "chat page at /. Requests are batched together on the engine; a full "
+                       "queue answers 429. SIGTERM lets requests in flight finish.")
+    p.add_argument("model", help="model directory (e.g. runs/demo/export/model), "
+                   "hf://owner/name[@revision] or gguf:PATH")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API endpoints "
+                   "(default: $LLMFORGE_API_KEY; none: open)")
+    p.add_argument("--served-model-name", help="the model name clients use (default: MODEL)")
+    p.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together")
+    p.add_argument("--max-model-len", type=int,
+                   help="prompt + output tokens per sequence (default: the model's context, "
+                   "at most 2048)")
+    p.add_argument("--max-waiting", type=int, default=256,
+                   help="requests queued for a decode slot before new ones get 429")
+    p.add_argument("--max-tokens-limit", type=int, default=4096,
+                   help="largest max_tokens a request may ask for")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="largest request body (413 beyond)")
+    p.set_defaults(handler=_serve)
     return parser
 
 
@@ -171,6 +195,23 @@ def _chat(args: argparse.Namespace) -> int:
 
     chat_loop(args.model, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               max_new_tokens=args.max_new_tokens, seed=args.seed)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from llmforge.serve.api import ServerSettings
+    from llmforge.serve.server import serve
+
+    settings = ServerSettings(api_key=args.api_key or os.environ.get("LLMFORGE_API_KEY"),
+                              served_model_name=args.served_model_name,
+                              max_tokens_limit=args.max_tokens_limit,
+                              max_body_bytes=args.max_body_bytes)
+    try:
+        serve(args.model, host=args.host, port=args.port, settings=settings,
+              max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+              max_waiting=args.max_waiting)
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+        return 130
     return 0
 
 

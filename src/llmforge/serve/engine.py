@@ -108,6 +108,13 @@ class Engine:
         self.tokenizer = tokenizer
         self.stop_ids = frozenset(stop_ids)
         cfg = model.cfg
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_model_len", max_model_len),
+                            ("max_prefill_tokens", max_prefill_tokens),
+                            ("max_waiting", max_waiting)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if prefix_cache_slots < 0:
+            raise ValueError(f"prefix_cache_slots must be >= 0, got {prefix_cache_slots}")
         self.max_model_len = min(max_model_len or min(cfg.max_seq_len, 2048), cfg.max_seq_len)
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
@@ -165,6 +172,9 @@ class Engine:
                     on_finish: Callable[[RequestOutput], None] | None = None) -> RequestHandle:
         """Queue a request. Callbacks run on the engine thread and must not block."""
         params.validate()
+        if params.n > self.max_num_seqs:
+            raise ValueError(f"n={params.n} is more than the {self.max_num_seqs} sequences "
+                             f"this engine decodes at once")
         self._check_prompt(prompt_ids)
         request = _Request(request_id or f"req-{uuid.uuid4().hex[:16]}", list(prompt_ids),
                            params, on_delta, on_finish)

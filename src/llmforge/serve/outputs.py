@@ -1,4 +1,4 @@
-"""What the inference engine hands back: per-step deltas while a request runs, one result at the end."""
+"""What the engine hands back: per-step deltas while a request runs, one result at the end."""
 
 from __future__ import annotations
 
