@@ -107,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="largest max_tokens a request may ask for")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="largest request body (413 beyond)")
+    p.add_argument("--quantization", choices=("none", "int4"), default="none",
+                   help="int4: the blocks' weights as 4-bit groups of 32 (CPU; a Q4_0/Q4_1 "
+                   "GGUF keeps its own codes), about 1.8x faster single-stream decoding")
     p.set_defaults(handler=_serve)
     return parser
 
@@ -209,7 +212,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         serve(args.model, host=args.host, port=args.port, settings=settings,
               max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-              max_waiting=args.max_waiting)
+              max_waiting=args.max_waiting, quantization=args.quantization)
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
         return 130
     return 0

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from llmforge.model.generate import generate
 from llmforge.model.transformer import Transformer
 
 
@@ -89,20 +88,21 @@ class LanguageModel:
 
     def generate_until(self, prompts: list[str], stop: list[str],
                        max_new_tokens: int = 256) -> list[str]:
-        """Greedy continuation of each prompt, cut at the first stop string (not included)."""
-        outputs = []
-        for prompt in prompts:
-            ids = self.encode(prompt)[-(self.max_len - 1):] or [self.prefix_id]
-            text = ""
-            generated: list[int] = []
-            for token in generate(self.model, ids, max_new_tokens, stop_ids=self.stop_ids):
-                generated.append(token)
-                text = self.tokenizer.decode(generated)
-                if any(s in text for s in stop):
-                    break
-            cut = min((text.find(s) for s in stop if s in text), default=len(text))
-            outputs.append(text[:cut])
-        return outputs
+        """Greedy continuation of each prompt, cut at the first stop string (not included);
+        all prompts decode together on the serving engine."""
+        from llmforge.serve.engine import Engine
+        from llmforge.serve.sampling import SamplingParams
+
+        ids = [self.encode(p)[-(self.max_len - 1):] or [self.prefix_id] for p in prompts]
+        longest = max(map(len, ids)) + max_new_tokens
+        engine = Engine(self.model, self.tokenizer, stop_ids=self.stop_ids,
+                        max_num_seqs=self.batch_size, max_model_len=min(longest, self.max_len),
+                        max_waiting=len(ids), prefix_cache_slots=4)
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, stop=tuple(stop))
+        try:
+            return [out.choices[0].text for out in engine.generate(ids, params)]
+        finally:
+            engine.shutdown()
 
     def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[Loglikelihood]:
         """Score continuation ids after context ids, batched by length, longest first."""

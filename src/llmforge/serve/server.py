@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uvicorn
 
+from llmforge.model.quant import quantize_int4
 from llmforge.serve.api import ServerSettings, create_app
 from llmforge.serve.chat_model import open_chat_model
 from llmforge.serve.engine import Engine
@@ -17,10 +18,12 @@ from llmforge.train.device import pick_device
 def serve(spec: str, *, host: str = "127.0.0.1", port: int = 8000,
           settings: ServerSettings | None = None, max_num_seqs: int = 32,
           max_model_len: int | None = None, max_waiting: int = 256, device: str = "auto",
-          graceful_timeout: float = 30.0) -> None:
+          graceful_timeout: float = 30.0, quantization: str = "none") -> None:
     """Serve the model `spec` (a model directory, an HF directory, hf://owner/name or
-    gguf:PATH) until stopped."""
+    gguf:PATH) until stopped; `quantization="int4"` stores the blocks' weights in 4 bits."""
     chat = open_chat_model(spec, device=pick_device(device))
+    if quantization == "int4":
+        quantize_int4(chat.model)
     engine = Engine(chat.model, chat.tokenizer, stop_ids=chat.stop_ids,
                     max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                     max_waiting=max_waiting)
