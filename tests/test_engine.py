@@ -200,3 +200,27 @@ def test_a_failing_callback_does_not_stop_the_engine(chat, prompts):
     assert len(out.choices[0].token_ids) == GREEDY.max_tokens
     assert eng.generate([prompts[1]], GREEDY)[0].choices[0].finish_reason == "length"
     eng.shutdown()
+
+
+def test_cache_grows_with_the_longest_sequence_and_keeps_what_it_holds():
+    from tokenizers import Tokenizer, models
+
+    from llmforge.model.config import ModelConfig
+    from llmforge.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                    max_seq_len=1024)).eval()
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(64)}, unk_token="t0"))
+    eng = Engine(model, tok, max_num_seqs=2, max_prefill_tokens=128)
+    assert eng.cache.capacity == 256 < eng.max_model_len
+    short, long = [1, 2, 3], [i % 60 + 1 for i in range(300)]
+    eng.start()
+    first = eng.add_request(short, SamplingParams(max_tokens=40, temperature=0.0))
+    second = eng.add_request(long, SamplingParams(max_tokens=20, temperature=0.0))
+    outs = [first.result(timeout=60), second.result(timeout=60)]
+    eng.shutdown()
+    assert eng.cache.capacity == 512
+    for prompt, out in zip([short, long], outs, strict=True):
+        n = len(out.choices[0].token_ids)
+        assert out.choices[0].token_ids == list(generate(model, prompt, n))

@@ -309,12 +309,13 @@ class Engine:
             rows.append((seq, take))
             budget -= take
         width = max(take for _, take in rows)
+        kv_len = max(seq.n_cached + take for seq, take in rows)
+        self.cache.reserve(kv_len)
         idx = torch.zeros(len(rows), width, dtype=torch.long)
         write = torch.full((len(rows), width), self.cache.scratch, dtype=torch.long)
         for r, (seq, take) in enumerate(rows):
             idx[r, :take] = torch.tensor(seq.tokens[seq.n_cached : seq.n_cached + take])
             write[r, :take] = torch.arange(seq.n_cached, seq.n_cached + take)
-        kv_len = max(seq.n_cached + take for seq, take in rows)
         if len(rows) == 1 and rows[0][0].n_cached == 0:
             mask = {"is_causal": width > 1}  # nothing cached: the call unbatched decoding makes
         else:
@@ -366,6 +367,7 @@ class Engine:
         idx = torch.tensor([[s.tokens[-1]] for s in seqs])
         positions = torch.tensor([[s.n_cached] for s in seqs])
         kv_len = max(s.n_cached for s in seqs) + 1
+        self.cache.reserve(kv_len)
         if all(s.n_cached == kv_len - 1 for s in seqs):
             mask = {}  # every row sees all kv_len positions
         else:
