@@ -46,10 +46,6 @@ import json
 import os
 import platform
 import queue
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -294,12 +290,6 @@ def generate_run(model, prompt: list[int], n: int) -> Sample:
 # llmforge over HTTP
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (Linux /proc), 0 where unavailable."""
     try:
@@ -313,51 +303,26 @@ def cpu_seconds(pid: int) -> float:
 class Server:
     url: str
     model: str
-    proc: subprocess.Popen
     idle_cpu: float  # CPU seconds per second the server used while idle after startup
 
 
 @contextlib.contextmanager
 def running_server(spec: str, threads: int, max_num_seqs: int, log: Path,
                    quantization: str) -> Iterator[Server]:
-    """`llmforge serve SPEC` on a free port with OMP_NUM_THREADS=threads; waits for /health."""
+    """`llmforge serve SPEC` with `threads` OpenMP threads, its served name and idle CPU use."""
     import httpx
 
-    port = free_port()
-    cmd = [sys.executable, "-m", "llmforge.cli", "serve", spec, "--host", "127.0.0.1",
-           "--port", str(port), "--max-num-seqs", str(max_num_seqs),
-           "--quantization", quantization]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    url = f"http://127.0.0.1:{port}"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        try:
-            deadline = time.monotonic() + STARTUP_TIMEOUT
-            while True:
-                if proc.poll() is not None:
-                    tail = log.read_text()[-2000:]
-                    raise RuntimeError(f"llmforge serve exited with {proc.returncode}:\n{tail}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise TimeoutError("llmforge serve did not become healthy in "
-                                       f"{STARTUP_TIMEOUT:.0f}s")
-                time.sleep(0.25)
-            model = spec
-            with contextlib.suppress(httpx.HTTPError, KeyError, IndexError, ValueError):
-                model = httpx.get(f"{url}/v1/models", timeout=5.0).json()["data"][0]["id"]
-            before = cpu_seconds(proc.pid)
-            time.sleep(2.0)
-            yield Server(url, model, proc, (cpu_seconds(proc.pid) - before) / 2.0)
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+    from llmforge.serve.launch import launch_server
+
+    with launch_server(spec, "--max-num-seqs", str(max_num_seqs), "--quantization",
+                       quantization, threads=threads, log=log,
+                       startup_timeout=STARTUP_TIMEOUT) as server:
+        model = spec
+        with contextlib.suppress(httpx.HTTPError, KeyError, IndexError, ValueError):
+            model = httpx.get(f"{server.url}/v1/models", timeout=5.0).json()["data"][0]["id"]
+        before = cpu_seconds(server.process.pid)
+        time.sleep(2.0)
+        yield Server(server.url, model, (cpu_seconds(server.process.pid) - before) / 2.0)
 
 
 async def _http_request(client, model: str, message: str, n: int) -> Sample:

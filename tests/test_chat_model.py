@@ -9,17 +9,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from llmforge.interop.gguf import smollm2_gguf_path
-from llmforge.model.config import ModelConfig
 from llmforge.model.generate import generate
-from llmforge.model.io import export_hf, save_model
-from llmforge.model.transformer import Transformer
+from llmforge.model.io import export_hf
 from llmforge.serve.chat import chat_loop
 from llmforge.serve.chat_model import open_chat_model
 from llmforge.tokenizer import CHAT_TEMPLATE, load_tokenizer, render_prompt, stop_ids
-from llmforge.tokenizer.bpe import TokenizerConfig, train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MESSAGES = [{"role": "system", "content": "Be brief."},
@@ -29,23 +25,8 @@ MESSAGES = [{"role": "system", "content": "Be brief."},
 
 
 @pytest.fixture(scope="module")
-def native(tmp_path_factory) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    tmp = tmp_path_factory.mktemp("native")
-    texts = ["def add(a, b):\n    return a + b\n", "Hello world, say hi again. 🌍\n"] * 8
-    pq.write_table(pa.table({"id": [f"d{i}" for i in range(len(texts))], "text": texts,
-                             "source": ["t"] * len(texts)}), tmp / "docs.parquet")
-    train_tokenizer(TokenizerConfig(vocab_size=300), tmp / "docs.parquet", tmp / "tok.json")
-    tok = load_tokenizer(tmp / "tok.json")
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=tok.get_vocab_size(), dim=32, n_layers=2,
-                                    n_heads=4, n_kv_heads=2, max_seq_len=128))
-    out = tmp / "model"
-    save_model(model, out)
-    shutil.copy(tmp / "tok.json", out / "tokenizer.json")
-    return out
+def native(tiny_chat_model) -> Path:
+    return tiny_chat_model
 
 
 def test_hf_export_chats_with_the_same_ids_and_stops_as_our_format(native, tmp_path):

@@ -14,7 +14,8 @@ import shutil
 
 import httpx
 import pytest
-from server_process import running_server
+
+from llmforge.serve.launch import launch_server
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs a chromium binary on PATH "
@@ -28,8 +29,8 @@ TIMEOUT_MS = 30_000
 @pytest.fixture(scope="module")
 def server(tiny_chat_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("chat_page") / "serve.log"
-    with running_server(tiny_chat_model, log=log) as url:
-        yield url
+    with launch_server(tiny_chat_model, log=log, threads=1) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")
@@ -211,8 +212,9 @@ def test_server_errors_are_shown(server, open_page, tiny_chat_model, tmp_path):
     expect(page.locator("#messages .message")).to_have_count(0)  # the failed turn is dropped
     expect(page.locator("#prompt")).to_have_value("Hello")  # and its text given back
 
-    with running_server(tiny_chat_model, "--api-key", "secret",
-                        log=tmp_path / "serve.log") as url:
+    with launch_server(tiny_chat_model, "--api-key", "secret",
+                       log=tmp_path / "serve.log", threads=1) as keyed:
+        url = keyed.url
         r = httpx.post(f"{url}/v1/chat/completions", timeout=30,
                        headers={"Authorization": "Bearer wrong"},
                        json={"messages": [{"role": "user", "content": "Hello"}]})

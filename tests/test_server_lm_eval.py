@@ -15,7 +15,6 @@ from unittest import mock
 
 import numpy as np
 import pytest
-from server_process import running_server
 
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("tenacity", reason="lm-eval's API models need the lm-eval[api] extra")
@@ -24,6 +23,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from llmforge.eval.lm import LanguageModel  # noqa: E402
 from llmforge.serve.chat_model import open_chat_model  # noqa: E402
+from llmforge.serve.launch import launch_server  # noqa: E402
 
 TASK = "llmforge_served_mc"
 RECORDS = [
@@ -79,8 +79,9 @@ def tokenizer_dir(tiny_chat_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def harness(tiny_chat_model, task_dir, tokenizer_dir):
     offline = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    with running_server(tiny_chat_model, "--served-model-name", "tiny") as url, \
+    with launch_server(tiny_chat_model, "--served-model-name", "tiny", threads=1) as server, \
             mock.patch.dict(os.environ, offline):
+        url = server.url
         args = (f"model=tiny,base_url={url}/v1/completions,tokenizer_backend=huggingface,"
                 f"tokenizer={tokenizer_dir},max_length=256,batch_size=4,max_retries=1")
         return lm_eval.simple_evaluate(model="local-completions", model_args=args,

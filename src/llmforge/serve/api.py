@@ -169,9 +169,6 @@ class _Server:
     async def _generate(self, request: Request, body: CompletionRequest | ChatRequest,
                         prompts: list[list[int]], shape: Shape) -> Response:
         """Submit one engine request per prompt; answer at the end, or stream as they run."""
-        if body.n > self.engine.max_num_seqs:  # the engine would wait for slots forever
-            raise APIError(400, f"n is {body.n}; this server decodes at most "
-                           f"{self.engine.max_num_seqs} sequences together", param="n")
         params = [body.sampling_params(self._max_tokens(len(p), body)) for p in prompts]
         run = _Run(self.engine, self.metrics, prompts, params)
         meta = {"id": shape.id_prefix + run.id, "object": shape.object,
