@@ -58,7 +58,7 @@ import torch
 TARGET_DECODE = 2.0  # single-stream decode speed over transformers'
 TARGET_SCALING = 6.0  # throughput at 32 clients over 1 client
 SCALING_LEVEL = 32
-INT4 = "int4 g32 (Q4_1 codes)"
+INT4 = "int4 (Q4_1 codes)"
 STARTUP_TIMEOUT = 300.0
 
 TASKS = ("Explain in a few sentences", "Write a short story about", "Give three facts about",
