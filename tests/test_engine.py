@@ -122,7 +122,10 @@ def test_stop_at_end_of_turn_token_and_at_max_model_len(chat, prompts):
     free = eng.generate([prompts[0]], GREEDY)[0].choices[0].token_ids
     out = eng.generate([prompts[0]], SamplingParams(max_tokens=24, temperature=0.0,
                                                     stop_token_ids=(free[3],)))[0]
-    assert out.choices[0].token_ids == free[: free.index(free[3])]
+    stop_at = free.index(free[3])
+    # The stop token ends the ids (as vLLM reports it) but adds no text.
+    assert out.choices[0].token_ids == free[: stop_at + 1]
+    assert out.choices[0].text == chat.tokenizer.decode(free[:stop_at])
     assert out.choices[0].finish_reason == "stop"
     long = eng.generate([prompts[2][:30]], SamplingParams(max_tokens=100, temperature=0.0))[0]
     eng.shutdown()
@@ -224,3 +227,18 @@ def test_cache_grows_with_the_longest_sequence_and_keeps_what_it_holds():
     for prompt, out in zip([short, long], outs, strict=True):
         n = len(out.choices[0].token_ids)
         assert out.choices[0].token_ids == list(generate(model, prompt, n))
+
+
+def test_echo_scoring_gets_one_token_past_the_prompt_even_when_it_is_a_stop(chat, prompts):
+    # lm-evaluation-harness's local-completions reads prompt logprobs up to the one generated
+    # token; an end-of-turn token must still be that token, or its last scored token is lost.
+    prompt = prompts[4]
+    greedy = list(generate(chat.model, prompt, 1))[0]
+    eng = Engine(chat.model, chat.tokenizer, stop_ids=[greedy])
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=1, prompt_logprobs=1)
+    out = eng.generate([prompt], params)[0]
+    eng.shutdown()
+    choice = out.choices[0]
+    assert choice.token_ids == [greedy] and choice.text == ""
+    assert choice.finish_reason == "stop" and len(choice.logprobs) == 1
+    assert len(out.prompt_logprobs) == len(prompt)

