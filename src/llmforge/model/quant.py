@@ -1,4 +1,4 @@
-"""Weight-only int4 for CPU decoding: a quarter of fp16's bytes per weight read.
+"""Weight-only int4 and int8: fewer bytes per weight for decoding and for frozen bases.
 
 Single-stream decoding reads every weight once per token, so its speed is memory bandwidth
 over model bytes. Int4Linear keeps each group of `group_size` input weights as 4-bit codes with
@@ -6,11 +6,15 @@ one scale and one offset (asymmetric, as GGUF's Q4_1) and multiplies with PyTorc
 CPU kernel in bf16. Requantising a Q4_0/Q4_1 GGUF's dequantised weights at the file's group size
 finds its own codes again, so serving such a file this way loses only bf16 rounding of the
 scales. The output projection (tied embedding) keeps its dtype: its quality matters most.
+
+Int8Linear (one scale per output row) dequantises with ordinary ops, so unlike the int4
+kernel, which has no backward, gradients flow through it: a frozen base for LoRA training.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 LEVELS = 15  # 4-bit codes 0..15
@@ -72,15 +76,49 @@ def fits_int4(linear: nn.Linear, group_size: int) -> bool:
     return linear.in_features % group_size == 0 and linear.out_features % ROW_TILE == 0
 
 
+class Int8Linear(nn.Module):
+    """Symmetric int8 with one scale per output row: half of bf16's bytes. The weights are
+    buffers, so nothing here can train by accident."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.out_features, self.in_features = linear.weight.shape
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        self.register_buffer("weight_int8", (w / scale).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale)
+        bias = linear.bias
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def dequantized(self) -> Tensor:
+        return self.weight_int8.float() * self.scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight_int8.to(x.dtype) * self.scale.to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
+
+
 def quantize_int4(model: nn.Module, group_size: int = 32) -> int:
     """Replace the transformer blocks' linear layers with Int4Linear (those whose shape the
     kernel takes; the rest keep their dtype); returns how many."""
-    replaced = 0
-    for block in model.layers:
-        for parent in block.modules():
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear) and fits_int4(child, group_size):
-                    setattr(parent, name, Int4Linear(child, group_size))
-                    replaced += 1
-    return replaced
+    return _replace_linears(model, lambda layer: fits_int4(layer, group_size),
+                            lambda layer: Int4Linear(layer, group_size))
 
+
+def quantize_int8(model: nn.Module) -> int:
+    """Replace the transformer blocks' linear layers with Int8Linear; returns how many."""
+    return _replace_linears(model, lambda layer: True, Int8Linear)
+
+
+def _replace_linears(model: nn.Module, eligible, make) -> int:
+    replaced = 0
+    for parent in model.layers.modules():
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and eligible(child):
+                setattr(parent, name, make(child))
+                replaced += 1
+    return replaced
