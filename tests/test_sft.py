@@ -1,6 +1,7 @@
 """SFT data: documented functions become (docstring -> code) chats, loss on the answer only."""
 
 import json
+import logging
 from pathlib import Path
 
 import pyarrow as pa
@@ -11,20 +12,26 @@ import torch
 from llmforge.align.sft import (
     Example,
     ExampleBatches,
+    PackedBatches,
     SFTConfig,
     docstring_examples,
     encode_examples,
     is_validation,
     jsonl_examples,
     load_examples,
+    pack_examples,
     pad_batch,
 )
+from llmforge.model.config import ModelConfig
+from llmforge.model.transformer import Transformer
+from llmforge.runs import StageContext
 from llmforge.tokenizer import (
     TokenizerConfig,
     load_tokenizer,
     render_chat,
     train_tokenizer,
 )
+from llmforge.train.loop import TrainConfig, train
 
 
 def request(example: Example) -> str:
@@ -334,3 +341,84 @@ def test_encoding_sets_aside_bad_roles(tok):
                           {"role": "assistant", "content": "boop"}])
     encoded, skipped = encode_examples(tok, [bad, EXAMPLES[2]], seq_len=64)
     assert len(encoded) == 1 and skipped == {"bad_message": 1}
+
+
+# ---- packing ---------------------------------------------------------------------------------
+
+
+def packed_spans(doc_ids: list[int]) -> list[tuple[int, int]]:
+    """(start, end) of each conversation in a row, from where the doc id changes."""
+    starts = [i for i in range(len(doc_ids)) if i == 0 or doc_ids[i] != doc_ids[i - 1]]
+    return list(zip(starts, [*starts[1:], len(doc_ids)], strict=True))
+
+
+def test_packing_keeps_every_target_and_crosses_no_boundary(tok):
+    pad, bos = tok.token_to_id("<|pad|>"), tok.token_to_id("<|bos|>")
+    end = tok.token_to_id("<|end|>")
+    examples = EXAMPLES * 3
+    unpacked, _ = encode_examples(tok, examples, seq_len=1000)
+    seq_len = 80
+    rows, skipped = pack_examples(tok, examples, seq_len, pad)
+    assert not skipped
+    assert len(rows) < len(examples)  # several conversations share a row
+    spans = [(x, y, start, stop) for x, y, doc_ids in rows
+             for start, stop in packed_spans(doc_ids)]
+    for x, _, doc_ids in rows:
+        assert len(x) == len(doc_ids) == seq_len
+        # Doc ids change exactly where a conversation starts.
+        assert [start for start, _ in packed_spans(doc_ids)] == [
+            i for i, t in enumerate(x) if t == bos]
+    # In order, each conversation's inputs and targets are exactly the unpacked ones ...
+    assert len(spans) == len(unpacked)
+    for (x, y, start, stop), (ids, targets) in zip(spans, unpacked, strict=True):
+        last = start + len(ids)  # its closing <|end|>: an input, or only the row's last target
+        assert x[start:last] == ids and y[start:last] == targets
+        # ... and after it nothing is learned: no target crosses into the next conversation.
+        assert x[last:stop] == ([end] + [pad] * (stop - last - 1) if last < stop else [])
+        assert y[last:stop] == [-100] * (stop - last)
+    learned = sum(t != -100 for _, y, _ in rows for t in y)
+    assert learned == sum(t != -100 for _, targets in unpacked for t in targets)
+    assert sum(t == end for _, y, _ in rows for t in y) == len(examples)  # every <|end|> learned
+
+
+def test_packing_sets_aside_long_and_bad_conversations(tok):
+    pad = tok.token_to_id("<|pad|>")
+    lengths = [len(render_chat(tok, e.messages)[0]) for e in EXAMPLES]
+    seq_len = sorted(lengths)[1] - 1  # exactly two conversations fit a row
+    bad = Example("b:1", [{"role": "robot", "content": "beep"}])
+    rows, skipped = pack_examples(tok, [*EXAMPLES, bad], seq_len, pad)
+    assert skipped == {"longer_than_seq_len": 2, "bad_message": 1}
+    assert sum(x.count(tok.token_to_id("<|bos|>")) for x, _, _ in rows) == 2
+    # A conversation of exactly seq_len + 1 tokens fills a row with nothing cut.
+    rows, skipped = pack_examples(tok, EXAMPLES[:1], lengths[0] - 1, pad)
+    assert not skipped and len(rows) == 1 and pad not in rows[0][0]
+    assert rows[0][1][-1] == tok.token_to_id("<|end|>")
+
+
+def test_packed_batches_are_deterministic(tok):
+    pad = tok.token_to_id("<|pad|>")
+    rows, _ = pack_examples(tok, EXAMPLES * 5, 64, pad)
+    batches = PackedBatches(rows, batch_size=3, seed=5)
+    x, y, doc_ids = batches(2, 1)
+    assert x.shape == y.shape == doc_ids.shape == (3, 64)
+    assert all(torch.equal(a, b) for a, b in
+               zip((x, y, doc_ids), PackedBatches(rows, batch_size=3, seed=5)(2, 1), strict=True))
+    assert {tuple(r) for r in x.tolist()} <= {tuple(r[0]) for r in rows}
+    with pytest.raises(ValueError, match="no SFT examples"):
+        PackedBatches([], batch_size=2, seed=0)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_tiny_packed_sft_run_lowers_the_loss(tok, tmp_path):
+    pad = tok.token_to_id("<|pad|>")
+    rows, _ = pack_examples(tok, EXAMPLES * 4, 64, pad)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.get_vocab_size(), dim=32, n_layers=2,
+                                    n_heads=4, n_kv_heads=2, max_seq_len=64))
+    cfg = TrainConfig(seq_len=64, batch_size=4, max_steps=30, lr=1e-2, warmup_steps=3,
+                      eval_every=1000, ckpt_every=1000, log_every=10, dtype="fp32")
+    (tmp_path / "sft").mkdir()
+    ctx = StageContext(name="sft", dir=tmp_path / "sft", root=tmp_path, recipe=None,
+                       log=logging.getLogger("tests.sft.packed"))
+    summary = train(model, cfg, PackedBatches(rows, cfg.batch_size, seed=0), ctx)
+    assert summary["final_loss"] < 0.5 * summary["first_loss"]

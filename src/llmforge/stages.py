@@ -123,11 +123,20 @@ def run_sft(ctx: StageContext) -> dict:
     val = [e for e in examples if sft.is_validation(e.id, cfg.val_fraction)]
     train = [e for e in examples if not sft.is_validation(e.id, cfg.val_fraction)]
     pad = tok.token_to_id("<|pad|>")
-    train_rows, skipped_train = sft.encode_examples(tok, train, cfg.train.seq_len)
+    dist = distributed.info()
+    if cfg.packing:  # whole conversations side by side in each row, attention kept apart
+        train_rows, skipped_train = sft.pack_examples(tok, train, cfg.train.seq_len, pad)
+        batches = sft.PackedBatches(train_rows, cfg.train.batch_size, recipe.seed,
+                                    rank=dist.rank, world_size=dist.world_size)
+    else:
+        train_rows, skipped_train = sft.encode_examples(tok, train, cfg.train.seq_len)
+        batches = sft.ExampleBatches(train_rows, cfg.train.batch_size, pad, recipe.seed,
+                                     rank=dist.rank, world_size=dist.world_size)
     val_rows, skipped_val = sft.encode_examples(tok, val, cfg.train.seq_len)
     skipped = dict(skipped + skipped_train + skipped_val)
-    ctx.log.info(f"{len(train_rows):,} train / {len(val_rows):,} val examples; set aside: "
-                 f"{skipped or 'none'}")
+    rows = "packed rows" if cfg.packing else "examples"
+    ctx.log.info(f"{len(train_rows):,} train {rows} / {len(val_rows):,} val examples; set "
+                 f"aside: {skipped or 'none'}")
     if not val_rows:
         raise ValueError("sft: no validation examples; raise sft.val_fraction")
 
@@ -138,9 +147,6 @@ def run_sft(ctx: StageContext) -> dict:
         return total / count
 
     before = val_loss()
-    dist = distributed.info()
-    batches = sft.ExampleBatches(train_rows, cfg.train.batch_size, pad, recipe.seed,
-                                 rank=dist.rank, world_size=dist.world_size)
     summary = loop.train(model, cfg.train, batches, ctx, evaluate=val_loss)
     _save_model_dir(model, ctx, tok_path=_tokenizer_path(ctx))
     return {**summary, "val_loss_before": before, "train_examples": len(train_rows),

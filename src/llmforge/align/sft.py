@@ -1,14 +1,16 @@
 """Supervised fine-tuning on chat-formatted examples, with loss on assistant tokens only.
 
-Examples come from a JSONL file of conversations (OpenAI `{"messages": [...]}` lines or
-`{"prompt", "completion"}` pairs) or, by default, from the corpus itself: each documented Python
-function becomes a request (its docstring) and an answer (its code without the docstring), so the
-demo's SFT needs no download.
+Examples come from a JSONL file of conversations (OpenAI `{"messages": [...]}` lines,
+`{"prompt", "completion"}` pairs, or Anthropic HH-RLHF `{"chosen", "rejected"}` transcripts, of
+which the chosen one is used; see align/hh.py) or, by default, from the corpus itself: each
+documented Python function becomes a request (its docstring) and an answer (its code without the
+docstring), so the demo's SFT needs no download.
 """
 
 from __future__ import annotations
 
 import ast
+import gzip
 import hashlib
 import json
 from collections import Counter
@@ -39,6 +41,9 @@ class SFTConfig:
     val_fraction: float = 0.05  # held out by a hash of the example's id
     min_request_chars: int = 20  # docstrings shorter than this say too little to be a request
     max_answer_chars: int = 1500  # long functions would be truncated at seq_len anyway
+    # Pack whole conversations into full seq_len rows (attention kept inside each one) instead
+    # of padding one per row; conversations longer than a row are set aside, not truncated.
+    packing: bool = False
     train: TrainConfig = field(default_factory=_sft_train_defaults)
 
 
@@ -53,6 +58,10 @@ def load_examples(cfg: SFTConfig, documents: Path) -> tuple[list[Example], Count
     if cfg.data == "docstrings":
         examples, unparsable = docstring_examples(documents, cfg)
         skipped = Counter({"unparsable_python": unparsable} if unparsable else {})
+    elif is_hh_file(Path(cfg.data)):
+        from llmforge.align.hh import hh_conversations  # hh builds on Example: import late
+
+        examples, skipped = hh_conversations(Path(cfg.data), cfg.max_examples)
     else:
         examples, skipped = jsonl_examples(Path(cfg.data), cfg.max_examples)
     if not examples:
@@ -60,6 +69,20 @@ def load_examples(cfg: SFTConfig, documents: Path) -> tuple[list[Example], Count
             else f"no usable conversations in {cfg.data}"
         raise ValueError(f"sft: {source}; set sft.data to a .jsonl file of conversations")
     return examples, skipped
+
+
+def is_hh_file(path: Path) -> bool:
+    """True when the first record of a (possibly gzipped) JSONL file has HH-RLHF's keys."""
+    if not path.is_file():
+        return False
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+        line = next((line for line in f if line.strip()), "")
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(record, dict) and {"chosen", "rejected"} <= record.keys()
 
 
 def jsonl_examples(path: Path, max_examples: int = 0) -> tuple[list[Example], Counter]:
@@ -141,12 +164,7 @@ def encode_examples(
     role or content, or whose assistant tokens all fall past seq_len, are counted and skipped."""
     encoded = []
     skipped: Counter = Counter()
-    for ex in examples:
-        try:
-            ids, mask = render_chat(tok, ex.messages)
-        except ValueError:
-            skipped["bad_message"] += 1
-            continue
+    for ids, mask in _rendered(tok, examples, skipped):
         ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]
         targets = [t if m else -100 for t, m in zip(ids[1:], mask[1:], strict=True)]
         if any(t != -100 for t in targets):
@@ -154,6 +172,16 @@ def encode_examples(
         else:
             skipped["no_assistant_tokens_within_seq_len"] += 1
     return encoded, skipped
+
+
+def _rendered(tok: Tokenizer, examples: list[Example],
+              skipped: Counter) -> Iterator[tuple[list[int], list[bool]]]:
+    """(ids, assistant mask) of each example that renders; the others count as bad_message."""
+    for ex in examples:
+        try:
+            yield render_chat(tok, ex.messages)
+        except ValueError:
+            skipped["bad_message"] += 1
 
 
 class ExampleBatches:
@@ -170,6 +198,65 @@ class ExampleBatches:
         picked = draw_indices(self.seed, step, micro, len(self.encoded), self.batch_size,
                               self.rank, self.world_size)
         return pad_batch([self.encoded[i] for i in picked], self.pad_id)
+
+
+def pack_examples(
+    tok: Tokenizer, examples: list[Example], seq_len: int, pad_id: int
+) -> tuple[list[tuple[list[int], list[int], list[int]]], Counter]:
+    """Whole conversations packed greedily, in order, into rows of seq_len + 1 tokens.
+
+    Each row gives (inputs, targets, doc_ids), each seq_len long. Targets are -100 outside
+    assistant tokens, at padding and where the next token opens another conversation, so
+    nothing is learned across a boundary; doc_ids number the conversations of a row (padding
+    keeps the last one's) so attention stays inside each. A conversation longer than a row is
+    set aside, never truncated.
+    """
+    rows: list[tuple[list[int], list[int], list[int]]] = []
+    skipped: Counter = Counter()
+    ids: list[int] = []
+    mask: list[bool] = []
+    docs: list[int] = []
+
+    def close_row() -> None:
+        fill = seq_len + 1 - len(ids)
+        row, learn, doc = ids + [pad_id] * fill, mask + [False] * fill, docs + [docs[-1]] * fill
+        targets = [t if m else -100 for t, m in zip(row[1:], learn[1:], strict=True)]
+        rows.append((row[:-1], targets, doc[:-1]))
+
+    for conv_ids, conv_mask in _rendered(tok, examples, skipped):
+        if not any(conv_mask[1:]):
+            skipped["no_assistant_tokens"] += 1
+            continue
+        if len(conv_ids) > seq_len + 1:
+            skipped["longer_than_seq_len"] += 1
+            continue
+        if len(ids) + len(conv_ids) > seq_len + 1:
+            close_row()
+            ids, mask, docs = [], [], []
+        doc = docs[-1] + 1 if docs else 0
+        ids += conv_ids
+        mask += [False, *conv_mask[1:]]  # the first token is never a target of the one before
+        docs += [doc] * len(conv_ids)
+    if ids:
+        close_row()
+    return rows, skipped
+
+
+class PackedBatches:
+    """Micro-batch (step, micro): packed rows drawn by a seeded RNG, as (x, y, doc_ids)."""
+
+    def __init__(self, rows: list[tuple], batch_size: int, seed: int, *,
+                 rank: int = 0, world_size: int = 1):
+        if not rows:
+            raise ValueError("no SFT examples to train on")
+        x, y, doc_ids = zip(*rows, strict=True)
+        self.x, self.y, self.doc_ids = (torch.tensor(t, dtype=torch.long) for t in (x, y, doc_ids))
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+
+    def __call__(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        picked = torch.as_tensor(draw_indices(self.seed, step, micro, len(self.x),
+                                              self.batch_size, self.rank, self.world_size))
+        return self.x[picked], self.y[picked], self.doc_ids[picked]
 
 
 def pad_batch(rows: list[tuple], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
