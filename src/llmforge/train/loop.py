@@ -136,6 +136,18 @@ def make_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.opti
     return optimizers
 
 
+# What one micro-batch costs: (the model's forward, the batch) -> (loss, metrics to log).
+Objective = Callable[[torch.nn.Module, tuple[torch.Tensor, ...]],
+                     tuple[torch.Tensor, dict[str, float]]]
+
+
+def lm_objective(forward: torch.nn.Module,
+                 batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Next-token cross-entropy on (inputs, targets[, doc_ids]): pretraining and SFT."""
+    x, y, *doc_ids = batch
+    return forward(x, y, doc_ids=doc_ids[0] if doc_ids else None), {}
+
+
 def train(
     model: torch.nn.Module,
     cfg: TrainConfig,
@@ -144,9 +156,12 @@ def train(
     *,
     evaluate: Callable[[], float] | None = None,
     benchmark: Callable[[], dict[str, float]] | None = None,
+    objective: Objective = lm_objective,
 ) -> dict:
     """Train `model` in place for cfg.max_steps, resuming from ctx.dir/checkpoints if present.
 
+    `objective` turns a micro-batch into a loss (the language-model loss unless an alignment
+    method brings its own); its metrics are averaged over the step's micro-batches and logged.
     Under torchrun, every rank calls this with its own batch source; `model` is sharded in
     place (fsdp) or wrapped (ddp), and only rank 0 writes metrics.
     """
@@ -182,15 +197,18 @@ def train(
                 for group in optimizer.param_groups:
                     group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
+            extras: dict[str, float] = {}
             for micro in range(cfg.grad_accum):
-                x, y, *doc_ids = (t.to(device) for t in batches(step, micro))
+                batch = tuple(t.to(device) for t in batches(step, micro))
                 last_micro = micro == cfg.grad_accum - 1
                 with gradient_sync(step_module, last_micro):
                     with autocast(device, cfg.dtype):
-                        loss = forward(x, y, doc_ids=doc_ids[0] if doc_ids else None)
+                        loss, metrics = objective(forward, batch)
                         loss = loss / cfg.grad_accum
                     loss.backward()
                 loss_sum += loss.detach()
+                for key, value in metrics.items():
+                    extras[key] = extras.get(key, 0.0) + value / cfg.grad_accum
             loss_sum = distributed.mean_across_ranks(loss_sum).item()
             grad_norm = _clip(model, cfg.grad_clip)
             skipped = guard.check(loss_sum, grad_norm)
@@ -202,7 +220,8 @@ def train(
             for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)
             done = step + 1
-            record = {"step": done, "loss": round(loss_sum, 5), "lr": lr}
+            record = {"step": done, "loss": round(loss_sum, 5), "lr": lr,
+                      **{k: round(v, 5) for k, v in extras.items()}}
             if skipped:
                 record["skipped"] = skipped
             first_loss = record["loss"] if first_loss is None else first_loss
