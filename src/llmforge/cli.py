@@ -108,8 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="largest request body (413 beyond)")
     p.add_argument("--quantization", choices=("none", "int4"), default="none",
-                   help="int4: the blocks' weights as 4-bit groups of 32 (CPU; a Q4_0/Q4_1 "
-                   "GGUF keeps its own codes), about 1.8x faster single-stream decoding")
+                   help="int4: the blocks' weights as 4-bit groups of 32 (CPU; a Q4_1 GGUF "
+                   "keeps its own codes), about 1.2-1.4x faster single-stream decoding")
     p.set_defaults(handler=_serve)
     return parser
 

@@ -3,9 +3,11 @@
 Single-stream decoding reads every weight once per token, so its speed is memory bandwidth
 over model bytes. Int4Linear keeps each group of `group_size` input weights as 4-bit codes with
 one scale and one offset (asymmetric, as GGUF's Q4_1) and multiplies with PyTorch's packed int4
-CPU kernel in bf16. Requantising a Q4_0/Q4_1 GGUF's dequantised weights at the file's group size
-finds its own codes again, so serving such a file this way loses only bf16 rounding of the
-scales. The output projection (tied embedding) keeps its dtype: its quality matters most.
+CPU kernel in bf16. Requantising a Q4_1 GGUF's dequantised weights at the file's group size
+finds its own codes again (each group's minimum and maximum are codes 0 and 15), so serving
+such a file this way loses only bf16 rounding of the scales; a symmetric Q4_0 group need not
+use code 15, so its codes may shift. The output projection (tied embedding) keeps its dtype:
+its quality matters most.
 
 Int8Linear (one scale per output row) dequantises with ordinary ops, so unlike the int4
 kernel, which has no backward, gradients flow through it: a frozen base for LoRA training.
