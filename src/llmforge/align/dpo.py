@@ -56,12 +56,11 @@ def reference_logprobs(model: nn.Module, rows: list[tuple[Row, Row]], pad_id: in
     was_training = model.training
     model.eval()
     flat = [row for pair in rows for row in pair]
+    device = next(model.parameters()).device
     out = []
     for start in range(0, len(flat), batch_size):
-        x, y = pad_batch(flat[start : start + batch_size], pad_id)
-        device = next(model.parameters()).device
-        logits = model(x.to(device))
-        out.append(sequence_logprobs(logits, y.to(device), y.to(device) != -100)[0].cpu())
+        x, y = (t.to(device) for t in pad_batch(flat[start : start + batch_size], pad_id))
+        out.append(sequence_logprobs(model(x), y, y != -100)[0].cpu())
     model.train(was_training)
     return torch.cat(out).view(-1, 2)
 

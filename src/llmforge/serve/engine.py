@@ -224,7 +224,7 @@ class Engine:
             except Exception as err:  # a bad batch fails its requests, never the engine
                 log.exception("engine step failed")
                 self._fail_all(f"{type(err).__name__}: {err}")
-        self._fail_all("the engine shut down", reason="abort")
+        self._fail_all("the engine shut down")
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -496,7 +496,7 @@ class Engine:
             except Exception:
                 log.exception("on_finish callback failed")
 
-    def _fail_all(self, error: str, reason: str = "abort") -> None:
+    def _fail_all(self, error: str) -> None:
         """End every request in flight (an engine error, or shutdown without draining)."""
         with self._cv:
             waiting = list(self._waiting)
@@ -509,8 +509,8 @@ class Engine:
         for request in requests:
             for seq in request.seqs:
                 if seq.finish_reason is None:
-                    seq.finish_reason = reason
-                    self._send(seq, seq.emitted, reason)
+                    seq.finish_reason = "abort"
+                    self._send(seq, seq.emitted, "abort")
             self._finish_request(request, error)
 
 
