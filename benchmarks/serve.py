@@ -532,7 +532,7 @@ def main() -> None:
 
     notes: list[str] = []
     chat = open_chat_model(spec)
-    prompts = [chat.prompt_ids([{"role": "user", "content": m}]) for m in PROMPTS]
+    prompts = [chat.format.prompt([{"role": "user", "content": m}]) for m in PROMPTS]
     pad_id = chat.stop_ids[0]
     print(f"prompts: {min(map(len, prompts))}-{max(map(len, prompts))} tokens with the chat "
           f"template")

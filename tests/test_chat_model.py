@@ -32,7 +32,7 @@ def native(tiny_chat_model) -> Path:
 def test_hf_export_chats_with_the_same_ids_and_stops_as_our_format(native, tmp_path):
     ours = open_chat_model(str(native))
     tok = load_tokenizer(native / "tokenizer.json")
-    assert ours.prompt_ids(MESSAGES) == render_prompt(tok, MESSAGES)
+    assert ours.format.prompt(MESSAGES) == render_prompt(tok, MESSAGES)
     assert ours.stop_ids == stop_ids(tok)
 
     hf = tmp_path / "hf"
@@ -43,7 +43,7 @@ def test_hf_export_chats_with_the_same_ids_and_stops_as_our_format(native, tmp_p
         {"chat_template": CHAT_TEMPLATE, "bos_token": "<|bos|>", "eos_token": "<|end|>"}))
     (hf / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, end]}))
     theirs = open_chat_model(str(hf))
-    assert theirs.prompt_ids(MESSAGES) == ours.prompt_ids(MESSAGES)
+    assert theirs.format.prompt(MESSAGES) == ours.format.prompt(MESSAGES)
     assert sorted(theirs.stop_ids) == sorted(ours.stop_ids)
 
 
@@ -66,7 +66,7 @@ def smollm2():
 @pytest.mark.slow
 def test_smollm2_answers_and_stops_at_its_end_of_turn_token(smollm2):
     question = [{"role": "user", "content": "What is the capital of France?"}]
-    prompt = smollm2.prompt_ids(question)
+    prompt = smollm2.format.prompt(question)
     text = smollm2.tokenizer.decode(prompt, skip_special_tokens=False)
     assert text.endswith("<|im_start|>assistant\n")
     tokens = list(generate(smollm2.model, prompt, 64, stop_ids=smollm2.stop_ids))

@@ -11,6 +11,7 @@ from llmforge.align.hh import PreferencePair
 from llmforge.model.io import load_model
 from llmforge.runs import StageContext
 from llmforge.tokenizer import load_tokenizer
+from llmforge.tokenizer.chat_format import native_format
 from llmforge.train.loop import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,8 +29,8 @@ def test_dpo_raises_the_held_out_margin_from_zero(tiny_chat_model, tmp_path):
     tok = load_tokenizer(tiny_chat_model / "tokenizer.json")
     pad = tok.token_to_id("<|pad|>")
     model = load_model(tiny_chat_model)
-    train_rows, skipped = encode_pairs(tok, pairs(QUESTIONS[:7]), seq_len=64)
-    held_rows, _ = encode_pairs(tok, pairs(QUESTIONS[7:]), seq_len=64)
+    train_rows, skipped = encode_pairs(native_format(tok), pairs(QUESTIONS[:7]), seq_len=64)
+    held_rows, _ = encode_pairs(native_format(tok), pairs(QUESTIONS[7:]), seq_len=64)
     assert len(train_rows) == 7 and not skipped
     # Only the reply is scored: the targets start where the prompt's <|assistant|> ends.
     (x, y), _ = train_rows[0]
@@ -58,5 +59,5 @@ def test_dpo_raises_the_held_out_margin_from_zero(tiny_chat_model, tmp_path):
 def test_pairs_longer_than_the_context_are_counted(tiny_chat_model):
     tok = load_tokenizer(tiny_chat_model / "tokenizer.json")
     long = [PreferencePair("x", [{"role": "user", "content": "hi " * 200}], "a", "b")]
-    rows, skipped = encode_pairs(tok, long + pairs(QUESTIONS[:1]), seq_len=64)
+    rows, skipped = encode_pairs(native_format(tok), long + pairs(QUESTIONS[:1]), seq_len=64)
     assert len(rows) == 1 and skipped == {"longer_than_seq_len": 1}

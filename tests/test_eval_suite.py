@@ -94,3 +94,32 @@ def test_a_user_task_runs_end_to_end_through_the_cli(tmp_path):
     items = (out / "items" / "colours.jsonl").read_text().splitlines()
     assert len(items) == 12
     assert (out / "report.html").is_file()
+
+
+def test_chat_template_scores_and_generates_the_assistant_reply(tiny_chat_model):
+    """--chat-template: the context is a user turn, the continuation opens the reply, and
+    generation starts from the chat prompt, exactly as the model is served."""
+    from llmforge.eval.lm import LanguageModel
+    from llmforge.serve.chat_model import open_chat_model
+    from llmforge.serve.engine import Engine
+    from llmforge.serve.sampling import SamplingParams
+
+    chat = open_chat_model(str(tiny_chat_model))
+    plain = LanguageModel.for_chat(chat)
+    lm = LanguageModel.for_chat(chat, chat_template=True)
+    prompt = chat.format.prompt([{"role": "user", "content": "Say hi"}])
+    context, continuation = lm.encode_pair("Say hi\n", " hello world")
+    assert context == prompt and continuation == lm.encode("hello world")
+    assert plain.encode_pair("Say hi\n", " hello world")[0] != prompt
+
+    [scored] = lm.loglikelihood([("Say hi\n", " hello world")])
+    [direct] = plain._score([(prompt, continuation)])
+    assert scored.logprob == pytest.approx(direct.logprob, abs=1e-5)
+
+    [generated] = lm.generate_until(["Say hi"], stop=[], max_new_tokens=8)
+    engine = Engine(chat.model, chat.tokenizer, stop_ids=chat.stop_ids)
+    try:
+        [out] = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0))
+    finally:
+        engine.shutdown()
+    assert generated == out.choices[0].text

@@ -31,6 +31,7 @@ from llmforge.tokenizer import (
     render_chat,
     train_tokenizer,
 )
+from llmforge.tokenizer.chat_format import native_format
 from llmforge.train.loop import TrainConfig, train
 
 
@@ -241,7 +242,7 @@ EXAMPLES = [
 def test_targets_only_on_assistant_content_and_end(tok):
     end = tok.token_to_id("<|end|>")
     assistant = tok.token_to_id("<|assistant|>")
-    encoded, _ = encode_examples(tok, EXAMPLES, seq_len=64)
+    encoded, _ = encode_examples(native_format(tok), EXAMPLES, seq_len=64)
     assert len(encoded) == len(EXAMPLES)
     for ex, (ids, targets) in zip(EXAMPLES, encoded, strict=True):
         full, mask = render_chat(tok, ex.messages)
@@ -259,14 +260,14 @@ def test_targets_only_on_assistant_content_and_end(tok):
 
 
 def test_encoding_truncates_and_drops_examples_without_targets(tok):
-    encoded, _ = encode_examples(tok, EXAMPLES, seq_len=24)
+    encoded, _ = encode_examples(native_format(tok), EXAMPLES, seq_len=24)
     for ids, targets in encoded:
         assert len(ids) == len(targets) <= 24
     prompt_len = len(render_chat(tok, [{"role": "user", "content": request(EXAMPLES[0])}])[0])
     # A window that ends before the answer starts has nothing to learn: it is dropped.
-    none, skipped = encode_examples(tok, EXAMPLES[:1], seq_len=prompt_len)
+    none, skipped = encode_examples(native_format(tok), EXAMPLES[:1], seq_len=prompt_len)
     assert none == [] and skipped == {"no_assistant_tokens_within_seq_len": 1}
-    one, _ = encode_examples(tok, EXAMPLES[:1], seq_len=prompt_len + 1)
+    one, _ = encode_examples(native_format(tok), EXAMPLES[:1], seq_len=prompt_len + 1)
     assert len(one) == 1 and sum(t != -100 for t in one[0][1]) == 1
 
 
@@ -279,7 +280,7 @@ def test_pad_batch():
 
 def test_example_batches_are_deterministic_and_padded(tok):
     pad = tok.token_to_id("<|pad|>")
-    encoded, _ = encode_examples(tok, EXAMPLES, seq_len=64)
+    encoded, _ = encode_examples(native_format(tok), EXAMPLES, seq_len=64)
     batches = ExampleBatches(encoded, batch_size=3, pad_id=pad, seed=11)
     x, y = batches(4, 1)
     x2, y2 = ExampleBatches(encoded, batch_size=3, pad_id=pad, seed=11)(4, 1)
@@ -339,7 +340,7 @@ def test_load_examples_explains_an_empty_source(tmp_path):
 def test_encoding_sets_aside_bad_roles(tok):
     bad = Example("b:1", [{"role": "robot", "content": "beep"},
                           {"role": "assistant", "content": "boop"}])
-    encoded, skipped = encode_examples(tok, [bad, EXAMPLES[2]], seq_len=64)
+    encoded, skipped = encode_examples(native_format(tok), [bad, EXAMPLES[2]], seq_len=64)
     assert len(encoded) == 1 and skipped == {"bad_message": 1}
 
 
@@ -356,9 +357,9 @@ def test_packing_keeps_every_target_and_crosses_no_boundary(tok):
     pad, bos = tok.token_to_id("<|pad|>"), tok.token_to_id("<|bos|>")
     end = tok.token_to_id("<|end|>")
     examples = EXAMPLES * 3
-    unpacked, _ = encode_examples(tok, examples, seq_len=1000)
+    unpacked, _ = encode_examples(native_format(tok), examples, seq_len=1000)
     seq_len = 80
-    rows, skipped = pack_examples(tok, examples, seq_len, pad)
+    rows, skipped = pack_examples(native_format(tok), examples, seq_len, pad)
     assert not skipped
     assert len(rows) < len(examples)  # several conversations share a row
     spans = [(x, y, start, stop) for x, y, doc_ids in rows
@@ -386,18 +387,18 @@ def test_packing_sets_aside_long_and_bad_conversations(tok):
     lengths = [len(render_chat(tok, e.messages)[0]) for e in EXAMPLES]
     seq_len = sorted(lengths)[1] - 1  # exactly two conversations fit a row
     bad = Example("b:1", [{"role": "robot", "content": "beep"}])
-    rows, skipped = pack_examples(tok, [*EXAMPLES, bad], seq_len, pad)
+    rows, skipped = pack_examples(native_format(tok), [*EXAMPLES, bad], seq_len, pad)
     assert skipped == {"longer_than_seq_len": 2, "bad_message": 1}
     assert sum(x.count(tok.token_to_id("<|bos|>")) for x, _, _ in rows) == 2
     # A conversation of exactly seq_len + 1 tokens fills a row with nothing cut.
-    rows, skipped = pack_examples(tok, EXAMPLES[:1], lengths[0] - 1, pad)
+    rows, skipped = pack_examples(native_format(tok), EXAMPLES[:1], lengths[0] - 1, pad)
     assert not skipped and len(rows) == 1 and pad not in rows[0][0]
     assert rows[0][1][-1] == tok.token_to_id("<|end|>")
 
 
 def test_packed_batches_are_deterministic(tok):
     pad = tok.token_to_id("<|pad|>")
-    rows, _ = pack_examples(tok, EXAMPLES * 5, 64, pad)
+    rows, _ = pack_examples(native_format(tok), EXAMPLES * 5, 64, pad)
     batches = PackedBatches(rows, batch_size=3, seed=5)
     x, y, doc_ids = batches(2, 1)
     assert x.shape == y.shape == doc_ids.shape == (3, 64)
@@ -411,7 +412,7 @@ def test_packed_batches_are_deterministic(tok):
 @pytest.mark.usefixtures("one_thread")
 def test_a_tiny_packed_sft_run_lowers_the_loss(tok, tmp_path):
     pad = tok.token_to_id("<|pad|>")
-    rows, _ = pack_examples(tok, EXAMPLES * 4, 64, pad)
+    rows, _ = pack_examples(native_format(tok), EXAMPLES * 4, 64, pad)
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=tok.get_vocab_size(), dim=32, n_layers=2,
                                     n_heads=4, n_kv_heads=2, max_seq_len=64))

@@ -15,7 +15,8 @@ from importlib import resources
 from pathlib import Path
 
 DEMO_RECIPE = "demo.yaml"
-STAGE_VERBS = ("data", "tokenizer", "tokenize", "pretrain", "sft", "eval", "export")
+STAGE_VERBS = ("data", "tokenizer", "tokenize", "pretrain", "sft", "dpo", "reward", "grpo", "eval",
+               "export")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,6 +136,9 @@ def _add_benchmark_args(p: argparse.ArgumentParser) -> None:
                    help="built-in task names or task YAML paths, comma-separated")
     p.add_argument("--limit", type=int, default=0, help="first N items of each task (0 = all)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--chat-template", action="store_true",
+                   help="put each prompt in a user turn of the model's chat template and score "
+                   "or generate the assistant's reply (lm-eval's --apply_chat_template)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), type=Path,
                    help="two eval.json files (or their directories): differences and their "
@@ -156,7 +160,7 @@ def _eval(args: argparse.Namespace) -> int:
 
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         run_suite(args.model, tasks, args.out, limit=args.limit, device=pick_device(),
-                  batch_size=args.batch_size)
+                  batch_size=args.batch_size, chat_template=args.chat_template)
         print(f"wrote {args.out / 'eval.json'} and {args.out / 'report.html'}")
         return 0
     return _run_stages(args, ["eval"])

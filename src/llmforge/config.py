@@ -14,6 +14,9 @@ from typing import Any
 
 import yaml
 
+from llmforge.align.dpo import DPOConfig
+from llmforge.align.grpo import GRPOConfig
+from llmforge.align.reward import RewardConfig
 from llmforge.align.sft import SFTConfig
 from llmforge.data.config import DataConfig
 from llmforge.eval.evaluate import EvalConfig
@@ -55,6 +58,9 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
@@ -132,6 +138,8 @@ def validate(recipe: Recipe) -> Recipe:
         raise ConfigError(f"model: {e}") from None
     for section in ("train", "sft.train", "eval"):
         cfg = recipe.sft.train if section == "sft.train" else getattr(recipe, section)
+        if section == "sft.train" and recipe.sft.base:
+            continue  # a base model brings its own context length
         if cfg.seq_len > model.max_seq_len:
             raise ConfigError(
                 f"{section}.seq_len={cfg.seq_len} exceeds model.max_seq_len={model.max_seq_len}"

@@ -105,10 +105,15 @@ class StageContext:
 class Stage:
     name: str
     help: str
-    needs: tuple[str, ...]
+    # The stages whose outputs this one reads, or a function of the recipe giving them (an
+    # alignment stage given its own base model needs no upstream training stage).
+    needs: tuple[str, ...] | Callable[[Any], tuple[str, ...]]
     settings: Callable[[Any], Any]  # the part of the recipe this stage depends on
     run: Callable[[StageContext], dict]
     distributed: bool = False  # under torchrun every rank runs it; else rank 0 alone does
+
+    def inputs(self, recipe: Any) -> tuple[str, ...]:
+        return self.needs(recipe) if callable(self.needs) else self.needs
 
 
 def fingerprint(settings: Any, upstream_ids: dict[str, str]) -> str:
@@ -147,7 +152,7 @@ class Runner:
         def visit(name: str) -> None:
             if name not in self.stages:
                 raise ValueError(f"unknown stage {name!r} (valid: {', '.join(self.stages)})")
-            for dep in self.stages[name].needs:
+            for dep in self.stages[name].inputs(self.recipe):
                 visit(dep)
             if name not in order:
                 order.append(name)
@@ -163,7 +168,7 @@ class Runner:
 
     def _run_one(self, stage: Stage, force: bool) -> dict:
         stage_dir = self.root / stage.name
-        upstream_ids = {d: self.results[d]["run_id"] for d in stage.needs}
+        upstream_ids = {d: self.results[d]["run_id"] for d in stage.inputs(self.recipe)}
         settings = self.to_dict(stage.settings(self.recipe))
         fp = fingerprint(settings, upstream_ids)
         done = read_summary(stage_dir)
@@ -201,7 +206,7 @@ class Runner:
             root=self.root,
             recipe=self.recipe,
             log=log,
-            upstream={d: self.root / d for d in stage.needs},
+            upstream={d: self.root / d for d in stage.inputs(self.recipe)},
             is_main=is_main,
         )
         if is_main:

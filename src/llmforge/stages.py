@@ -7,6 +7,7 @@ align/, eval/ and report/.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -15,18 +16,25 @@ from pathlib import Path
 import torch
 
 from llmforge import distributed
-from llmforge.align import sft
+from llmforge.align import dpo, finetune, grpo, sft
+from llmforge.align.pairs import load_pairs
+from llmforge.align.reward import (
+    RewardModel,
+    preference_accuracy,
+    reward_objective,
+    save_reward_model,
+)
 from llmforge.data import curate
 from llmforge.data.datacard import write_datacard
 from llmforge.data.sources import source_files
 from llmforge.eval import evaluate
-from llmforge.model.io import export_hf, load_model, save_model
+from llmforge.model.io import load_model, save_model
 from llmforge.model.transformer import Transformer
 from llmforge.report import write_report
 from llmforge.runs import Stage, StageContext, files_digest
+from llmforge.serve.chat_model import GGUF_PREFIX, ChatModel, open_chat_model, save_chat_model
 from llmforge.tokenizer import (
     BOS,
-    CHAT_TEMPLATE,
     load_tokenizer,
     open_shard,
     tokenize_documents,
@@ -117,26 +125,27 @@ def _core_benchmark(model: Transformer, tok, cfg: loop.TrainConfig):
 def run_sft(ctx: StageContext) -> dict:
     recipe, cfg = ctx.recipe, ctx.recipe.sft
     torch.manual_seed(recipe.seed)
-    tok = load_tokenizer(_tokenizer_path(ctx))
-    model = load_model(ctx.input("pretrain") / "model", device=pick_device(recipe.device))
-    examples, skipped = sft.load_examples(cfg, _documents(ctx))
+    spec, chat, trainable = _open_base(ctx, cfg, "pretrain")
+    model = chat.model
+    examples, skipped = sft.load_examples(cfg, _documents(ctx) if "data" in ctx.upstream else None)
     val = [e for e in examples if sft.is_validation(e.id, cfg.val_fraction)]
     train = [e for e in examples if not sft.is_validation(e.id, cfg.val_fraction)]
-    pad = tok.token_to_id("<|pad|>")
+    pad, seq_len = _pad_id(chat), cfg.train.seq_len
     dist = distributed.info()
     if cfg.packing:  # whole conversations side by side in each row, attention kept apart
-        train_rows, skipped_train = sft.pack_examples(tok, train, cfg.train.seq_len, pad)
+        train_rows, skipped_train = sft.pack_examples(chat.format, train, seq_len, pad)
         batches = sft.PackedBatches(train_rows, cfg.train.batch_size, recipe.seed,
                                     rank=dist.rank, world_size=dist.world_size)
     else:
-        train_rows, skipped_train = sft.encode_examples(tok, train, cfg.train.seq_len)
+        train_rows, skipped_train = sft.encode_examples(chat.format, train, seq_len)
         batches = sft.ExampleBatches(train_rows, cfg.train.batch_size, pad, recipe.seed,
                                      rank=dist.rank, world_size=dist.world_size)
-    val_rows, skipped_val = sft.encode_examples(tok, val, cfg.train.seq_len)
+    val_rows, skipped_val = sft.encode_examples(chat.format, val, seq_len)
     skipped = dict(skipped + skipped_train + skipped_val)
     rows = "packed rows" if cfg.packing else "examples"
-    ctx.log.info(f"{len(train_rows):,} train {rows} / {len(val_rows):,} val examples; set "
-                 f"aside: {skipped or 'none'}")
+    ctx.log.info(f"{trainable['method']} fine-tuning of {spec}: {trainable['trainable_params']:,}"
+                 f" of {trainable['params']:,} parameters train; {len(train_rows):,} train "
+                 f"{rows} / {len(val_rows):,} val examples; set aside: {skipped or 'none'}")
     if not val_rows:
         raise ValueError("sft: no validation examples; raise sft.val_fraction")
 
@@ -148,9 +157,122 @@ def run_sft(ctx: StageContext) -> dict:
 
     before = val_loss()
     summary = loop.train(model, cfg.train, batches, ctx, evaluate=val_loss)
-    _save_model_dir(model, ctx, tok_path=_tokenizer_path(ctx))
-    return {**summary, "val_loss_before": before, "train_examples": len(train_rows),
-            "val_examples": len(val_rows), "set_aside": skipped}
+    finetune.save_trained(chat, cfg, spec, ctx.dir, ctx.is_main)
+    return {**summary, **trainable, "val_loss_before": before,
+            "train_examples": len(train_rows), "val_examples": len(val_rows),
+            "set_aside": skipped}
+
+
+def run_dpo(ctx: StageContext) -> dict:
+    recipe, cfg = ctx.recipe, ctx.recipe.dpo
+    torch.manual_seed(recipe.seed)
+    spec, chat, trainable = _open_base(ctx, cfg, "sft")
+    train_rows, val_rows, skipped = _preference_rows(ctx, cfg, chat, spec, trainable)
+    pad, model = _pad_id(chat), chat.model
+    # The policy starts as the reference: its log-probs now are the reference's, kept for good.
+    reference = dpo.reference_logprobs(model, train_rows, pad)
+    val_reference = dpo.reference_logprobs(model, val_rows, pad)
+    before = dpo.held_out(model, val_rows, val_reference, pad, cfg)
+    dist = distributed.info()
+    batches = dpo.PreferenceBatches(train_rows, reference, cfg.train.batch_size, pad,
+                                    recipe.seed, rank=dist.rank, world_size=dist.world_size)
+    summary = loop.train(model, cfg.train, batches, ctx, objective=cfg.objective(),
+                         evaluate=lambda: dpo.held_out(model, val_rows, val_reference, pad,
+                                                       cfg)["loss"])
+    after = dpo.held_out(model, val_rows, val_reference, pad, cfg)
+    ctx.log.info(f"held-out: chosen more likely than rejected {before['logp_accuracy']:.3f} -> "
+                 f"{after['logp_accuracy']:.3f}; reward accuracy {after['rewards/accuracy']:.3f}, "
+                 f"margin {after['rewards/margins']:.4f}")
+    finetune.save_trained(chat, cfg, spec, ctx.dir, ctx.is_main)
+    return {**summary, **trainable, "held_out_before": before, "held_out_after": after,
+            "train_pairs": len(train_rows), "held_out_pairs": len(val_rows),
+            "set_aside": skipped}
+
+
+def run_reward(ctx: StageContext) -> dict:
+    recipe, cfg = ctx.recipe, ctx.recipe.reward
+    torch.manual_seed(recipe.seed)
+    spec, chat, trainable = _open_base(ctx, cfg, "sft")
+    train_rows, val_rows, skipped = _preference_rows(ctx, cfg, chat, spec, trainable)
+    pad, scorer = _pad_id(chat), RewardModel(chat.model)
+    dist = distributed.info()
+    batches = dpo.PreferenceBatches(train_rows, None, cfg.train.batch_size, pad, recipe.seed,
+                                    rank=dist.rank, world_size=dist.world_size)
+    summary = loop.train(scorer, cfg.train, batches, ctx, objective=reward_objective(cfg.margin),
+                         benchmark=lambda: {"held_out_accuracy": preference_accuracy(
+                             scorer, val_rows, pad)["accuracy"]})
+    held_out = preference_accuracy(scorer, val_rows, pad)
+    ctx.log.info(f"held-out accuracy {held_out['accuracy']:.3f} (chance 0.5), mean margin "
+                 f"{held_out['margin']:.3f} over {held_out['pairs']} pairs")
+    finetune.save_trained(chat, cfg, spec, ctx.dir, ctx.is_main)
+    if ctx.is_main:
+        save_reward_model(scorer, ctx.dir / "model")
+    return {**summary, **trainable, "held_out": held_out, "train_pairs": len(train_rows),
+            "set_aside": skipped}
+
+
+def run_grpo(ctx: StageContext) -> dict:
+    recipe, cfg = ctx.recipe, ctx.recipe.grpo
+    torch.manual_seed(recipe.seed)
+    spec, chat, trainable = _open_base(ctx, cfg, "sft")
+    model = chat.model
+    tasks, skipped = grpo.load_tasks(cfg, seed=recipe.seed)
+    train_tasks, val_tasks = grpo.split_tasks(tasks, cfg.val_prompts)
+    reward = grpo.task_reward(cfg)
+    # With LoRA the reference is the base (adapters off); a full fine-tune keeps a frozen copy.
+    reference = copy.deepcopy(model).requires_grad_(False).eval() \
+        if cfg.kl_coef and cfg.lora is None else None
+    dist = distributed.info()
+    batches = grpo.GRPOBatches(model, chat.format, chat.tokenizer, chat.stop_ids, train_tasks,
+                               reward, cfg, recipe.seed, rank=dist.rank,
+                               world_size=dist.world_size, reference=reference)
+    skipped = dict(skipped + batches.skipped)
+    ctx.log.info(f"{trainable['method']} GRPO of {spec}: {len(batches.tasks):,} train / "
+                 f"{len(val_tasks):,} held-out tasks; set aside: {skipped or 'none'}")
+
+    def held_out() -> dict:
+        return grpo.evaluate_tasks(model, chat.format, chat.tokenizer, chat.stop_ids, val_tasks,
+                                   reward, cfg.max_new_tokens) if val_tasks else {}
+
+    before = held_out()
+    summary = loop.train(model, cfg.train, batches, ctx, objective=grpo.grpo_objective(cfg))
+    after = held_out()
+    if after:
+        ctx.log.info(f"held-out greedy reward {before['reward']:.3f} -> {after['reward']:.3f}")
+    finetune.save_trained(chat, cfg, spec, ctx.dir, ctx.is_main)
+    return {**summary, **trainable, "held_out_before": before, "held_out_after": after,
+            "train_tasks": len(batches.tasks), "set_aside": skipped}
+
+
+def _open_base(ctx: StageContext, cfg: finetune.FinetuneConfig,
+               upstream: str) -> tuple[str, ChatModel, dict]:
+    """(spec, opened model ready to train, what trains) for an alignment stage."""
+    spec = finetune.base_spec(cfg, ctx.upstream.get(upstream))
+    chat, trainable = finetune.open_for_training(cfg, spec, pick_device(ctx.recipe.device))
+    return spec, chat, trainable
+
+
+def _preference_rows(ctx: StageContext, cfg, chat: ChatModel, spec: str, trainable: dict):
+    """Train and held-out (chosen, rejected) rows of cfg.data, and what was set aside."""
+    pairs, skipped = load_pairs(Path(cfg.data), cfg.max_pairs)
+    val = [p for p in pairs if sft.is_validation(p.id, cfg.val_fraction)]
+    train = [p for p in pairs if not sft.is_validation(p.id, cfg.val_fraction)]
+    train_rows, skipped_train = dpo.encode_pairs(chat.format, train, cfg.train.seq_len)
+    val_rows, skipped_val = dpo.encode_pairs(chat.format, val, cfg.train.seq_len)
+    skipped = dict(skipped + skipped_train + skipped_val)
+    ctx.log.info(f"{trainable['method']} {ctx.name} of {spec}: {trainable['trainable_params']:,}"
+                 f" of {trainable['params']:,} parameters train; {len(train_rows):,} train / "
+                 f"{len(val_rows):,} held-out pairs; set aside: {skipped or 'none'}")
+    if not val_rows or not train_rows:
+        raise ValueError(f"{ctx.name}: {len(train_rows)} train and {len(val_rows)} held-out "
+                         f"pairs; need both (check {ctx.name}.data and val_fraction)")
+    return train_rows, val_rows, skipped
+
+
+def _pad_id(chat: ChatModel) -> int:
+    """A token to fill rows with (never a target): the tokenizer's pad, else the first stop."""
+    pad = chat.tokenizer.token_to_id("<|pad|>")
+    return chat.stop_ids[0] if pad is None else pad
 
 
 def run_eval(ctx: StageContext) -> dict:
@@ -179,24 +301,9 @@ def run_eval(ctx: StageContext) -> dict:
 def run_export(ctx: StageContext) -> dict:
     """A Hugging Face model directory: transformers loads it as LlamaForCausalLM."""
     cfg = ctx.recipe.export
-    model = load_model(ctx.input(cfg.source) / "model")
-    tok_path = _tokenizer_path(ctx)
-    tok = load_tokenizer(tok_path)
     out = ctx.dir / "model"
-    bos, eos, end = (tok.token_to_id(t) for t in ("<|bos|>", "<|eos|>", "<|end|>"))
-    export_hf(model, out, dtype=getattr(torch, cfg.dtype), bos_token_id=bos,
-              eos_token_id=[eos, end])
-    shutil.copy(tok_path, out / "tokenizer.json")
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<|bos|>", "eos_token": "<|end|>", "pad_token": "<|pad|>",
-        "chat_template": CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
-        "add_bos_token": False, "model_max_length": model.cfg.max_seq_len,
-    }, indent=2))
-    (out / "generation_config.json").write_text(json.dumps({
-        "bos_token_id": bos, "eos_token_id": [eos, end], "pad_token_id":
-        tok.token_to_id("<|pad|>"), "do_sample": False, "max_new_tokens": 256,
-    }, indent=2))
+    save_chat_model(open_chat_model(str(ctx.input(cfg.source) / "model")), out, hf=True,
+                    dtype=getattr(torch, cfg.dtype))
     ctx.log.info(f"exported {cfg.source} model to {out}; chat with: llmforge chat {out}")
     return {"path": str(out), "files": sorted(p.name for p in out.iterdir())}
 
@@ -235,7 +342,40 @@ def _model_settings(r):
 def _sft_settings(r):
     inputs = [] if r.sft.data == "docstrings" else [Path(r.sft.data)]
     return {"sft": r.sft, "seed": r.seed, "device": r.device,
-            "inputs": files_digest([p for p in inputs if p.is_file()])}
+            "inputs": files_digest([p for p in inputs if p.is_file()] + _base_files(r.sft))}
+
+
+def _sft_needs(r) -> tuple[str, ...]:
+    return (("data",) if r.sft.data == "docstrings" else ()) + (() if r.sft.base else
+                                                                ("pretrain",))
+
+
+def _preference_settings(section: str):
+    def settings(r):
+        cfg = getattr(r, section)
+        return {section: cfg, "seed": r.seed, "device": r.device,
+                "inputs": files_digest([Path(cfg.data), *_base_files(cfg)])}
+
+    return settings
+
+
+def _grpo_settings(r):
+    inputs = [Path(r.grpo.data)] if r.grpo.data != grpo.ARITHMETIC else []
+    if r.grpo.reward:
+        inputs.append(Path(r.grpo.reward.rpartition(":")[0]))
+    return {"grpo": r.grpo, "seed": r.seed, "device": r.device,
+            "inputs": files_digest([p for p in inputs if p.is_file()] + _base_files(r.grpo))}
+
+
+def _base_files(cfg: finetune.FinetuneConfig) -> list[Path]:
+    """The files of a base model named by path, so that replacing them reruns the stage."""
+    from llmforge.interop.gguf import resolve_gguf_path
+
+    gguf = cfg.base.startswith(GGUF_PREFIX)
+    path = resolve_gguf_path(cfg.base.removeprefix(GGUF_PREFIX)) if gguf else Path(cfg.base)
+    if not cfg.base or not path.exists():
+        return []
+    return sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
@@ -250,9 +390,20 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("pretrain", "token shards -> pretrain/model/ (+ checkpoints/, metrics.jsonl); "
           "resumes if interrupted; every rank trains under torchrun", ("tokenizer", "tokenize"),
           _model_settings, run_pretrain, distributed=True),
-    Stage("sft", "pretrain/model + docstring->code chats from the documents -> sft/model/ "
-          "(loss on assistant tokens only)", ("data", "tokenizer", "pretrain"),
-          _sft_settings, run_sft, distributed=True),
+    Stage("sft", "pretrain/model (or sft.base) + chats (sft.data, by default docstring->code "
+          "from the documents) -> sft/model/ (loss on assistant tokens only; full or LoRA)",
+          _sft_needs, _sft_settings, run_sft, distributed=True),
+    Stage("dpo", "sft/model (or dpo.base) + preference pairs (dpo.data) -> dpo/model/ (DPO with "
+          "stored reference log-probs; full or LoRA)", lambda r: () if r.dpo.base else ("sft",),
+          _preference_settings("dpo"), run_dpo, distributed=True),
+    Stage("reward", "sft/model (or reward.base) + preference pairs (reward.data) -> reward/model/ "
+          "(a scalar head, Bradley-Terry loss, held-out accuracy)",
+          lambda r: () if r.reward.base else ("sft",), _preference_settings("reward"),
+          run_reward, distributed=True),
+    Stage("grpo", "sft/model (or grpo.base) + verifiable tasks (grpo.data) -> grpo/model/ (GRPO "
+          "with G samples per prompt from the engine)",
+          lambda r: () if r.grpo.base else ("sft",), _grpo_settings, run_grpo,
+          distributed=True),
     Stage("eval", "pretrain/model, sft/model + val shard -> eval/eval.json (val loss, bits "
           "per byte, greedy samples)",
           ("tokenizer", "tokenize", "pretrain", "sft"), lambda r: r.eval, run_eval),

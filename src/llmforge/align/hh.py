@@ -9,14 +9,13 @@ gzipped (the released `*.jsonl.gz`).
 
 from __future__ import annotations
 
-import gzip
-import json
 import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmforge.align.records import read_jsonl
 from llmforge.align.sft import Example
 
 TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -53,29 +52,12 @@ def parse_transcript(text: str) -> list[dict]:
 
 
 def _records(path: Path, skipped: Counter) -> Iterator[tuple[str, str, str]]:
-    """(id, chosen, rejected) of each well-formed line; the rest are counted in `skipped`."""
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                skipped["invalid_utf8"] += 1
-                continue
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                skipped["unparsable_json"] += 1
-                continue
-            if not (isinstance(record, dict) and isinstance(record.get("chosen"), str)
-                    and isinstance(record.get("rejected"), str)):
-                skipped["missing_fields"] += 1
-                continue
-            yield f"{path.name}:{lineno}", record["chosen"], record["rejected"]
+    """(id, chosen, rejected) of each well-formed record; the rest are counted in `skipped`."""
+    for id_, record in read_jsonl(path, skipped):
+        if not (isinstance(record.get("chosen"), str) and isinstance(record.get("rejected"), str)):
+            skipped["missing_fields"] += 1
+            continue
+        yield id_, record["chosen"], record["rejected"]
 
 
 def hh_conversations(path: Path, max_examples: int = 0) -> tuple[list[Example], Counter]:

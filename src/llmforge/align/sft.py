@@ -1,8 +1,9 @@
 """Supervised fine-tuning on chat-formatted examples, with loss on assistant tokens only.
 
 Examples come from a JSONL file of conversations (OpenAI `{"messages": [...]}` lines,
-`{"prompt", "completion"}` pairs, or Anthropic HH-RLHF `{"chosen", "rejected"}` transcripts, of
-which the chosen one is used; see align/hh.py) or, by default, from the corpus itself: each
+`{"prompt", "completion"}` or GSM8K's `{"question", "answer"}` pairs, or Anthropic HH-RLHF
+`{"chosen", "rejected"}` transcripts, of which the chosen one is used; see align/hh.py) or, by
+default, from the corpus itself: each
 documented Python function becomes a request (its docstring) and an answer (its code without the
 docstring), so the demo's SFT needs no download.
 """
@@ -19,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
 
+from llmforge.align.finetune import FinetuneConfig
 from llmforge.data.documents import document_batches
-from llmforge.tokenizer.chat import render_chat
+from llmforge.tokenizer.chat_format import ChatFormat
 from llmforge.train.data import draw_indices
 from llmforge.train.loop import TrainConfig
 
@@ -34,7 +35,7 @@ def _sft_train_defaults() -> TrainConfig:
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(FinetuneConfig):
     # "docstrings" (documented functions of a Python corpus) or a .jsonl file of conversations.
     data: str = "docstrings"
     max_examples: int = 0  # 0 = all
@@ -53,8 +54,9 @@ class Example:
     messages: list[dict]
 
 
-def load_examples(cfg: SFTConfig, documents: Path) -> tuple[list[Example], Counter]:
-    """The examples `cfg.data` names, and what was set aside by reason."""
+def load_examples(cfg: SFTConfig, documents: Path | None) -> tuple[list[Example], Counter]:
+    """The examples `cfg.data` names (`documents` is the corpus, for "docstrings"), and what was
+    set aside by reason."""
     if cfg.data == "docstrings":
         examples, unparsable = docstring_examples(documents, cfg)
         skipped = Counter({"unparsable_python": unparsable} if unparsable else {})
@@ -72,7 +74,8 @@ def load_examples(cfg: SFTConfig, documents: Path) -> tuple[list[Example], Count
 
 
 def is_hh_file(path: Path) -> bool:
-    """True when the first record of a (possibly gzipped) JSONL file has HH-RLHF's keys."""
+    """True when the first record of a (possibly gzipped) JSONL file is an HH-RLHF transcript
+    pair: chosen and rejected with no separate prompt."""
     if not path.is_file():
         return False
     opener = gzip.open if path.suffix == ".gz" else open
@@ -82,11 +85,14 @@ def is_hh_file(path: Path) -> bool:
         record = json.loads(line)
     except json.JSONDecodeError:
         return False
-    return isinstance(record, dict) and {"chosen", "rejected"} <= record.keys()
+    return isinstance(record, dict) and {"chosen", "rejected"} <= record.keys() \
+        and "prompt" not in record
 
 
 def jsonl_examples(path: Path, max_examples: int = 0) -> tuple[list[Example], Counter]:
-    """Conversations from JSONL; malformed lines are counted by reason, never fatal."""
+    """Conversations from JSONL: `{"messages"}`, `{"prompt", "completion"}` or
+    `{"question", "answer"}` (GSM8K's own records); malformed lines are counted by reason,
+    never fatal."""
     if not path.is_file():
         raise FileNotFoundError(f"sft.data: no such file: {path}")
     examples: list[Example] = []
@@ -97,9 +103,11 @@ def jsonl_examples(path: Path, max_examples: int = 0) -> tuple[list[Example], Co
                 continue
             try:
                 record = json.loads(line)
+                ask, answer = ("question", "answer") if "question" in record \
+                    else ("prompt", "completion")
                 messages = record["messages"] if "messages" in record else [
-                    {"role": "user", "content": record["prompt"]},
-                    {"role": "assistant", "content": record["completion"]},
+                    {"role": "user", "content": record[ask]},
+                    {"role": "assistant", "content": record[answer]},
                 ]
             except (json.JSONDecodeError, KeyError, TypeError):
                 skipped["malformed_record"] += 1
@@ -158,13 +166,13 @@ def is_validation(example_id: str, fraction: float) -> bool:
 
 
 def encode_examples(
-    tok: Tokenizer, examples: list[Example], seq_len: int
+    chat: ChatFormat, examples: list[Example], seq_len: int
 ) -> tuple[list[tuple], Counter]:
     """Chat-render each example; targets are -100 outside assistant tokens. Examples with a bad
     role or content, or whose assistant tokens all fall past seq_len, are counted and skipped."""
     encoded = []
     skipped: Counter = Counter()
-    for ids, mask in _rendered(tok, examples, skipped):
+    for ids, mask in _rendered(chat, examples, skipped):
         ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]
         targets = [t if m else -100 for t, m in zip(ids[1:], mask[1:], strict=True)]
         if any(t != -100 for t in targets):
@@ -174,12 +182,12 @@ def encode_examples(
     return encoded, skipped
 
 
-def _rendered(tok: Tokenizer, examples: list[Example],
+def _rendered(chat: ChatFormat, examples: list[Example],
               skipped: Counter) -> Iterator[tuple[list[int], list[bool]]]:
     """(ids, assistant mask) of each example that renders; the others count as bad_message."""
     for ex in examples:
         try:
-            yield render_chat(tok, ex.messages)
+            yield chat.conversation(ex.messages)
         except ValueError:
             skipped["bad_message"] += 1
 
@@ -201,7 +209,7 @@ class ExampleBatches:
 
 
 def pack_examples(
-    tok: Tokenizer, examples: list[Example], seq_len: int, pad_id: int
+    chat: ChatFormat, examples: list[Example], seq_len: int, pad_id: int
 ) -> tuple[list[tuple[list[int], list[int], list[int]]], Counter]:
     """Whole conversations packed greedily, in order, into rows of seq_len + 1 tokens.
 
@@ -223,7 +231,7 @@ def pack_examples(
         targets = [t if m else -100 for t, m in zip(row[1:], learn[1:], strict=True)]
         rows.append((row[:-1], targets, doc[:-1]))
 
-    for conv_ids, conv_mask in _rendered(tok, examples, skipped):
+    for conv_ids, conv_mask in _rendered(chat, examples, skipped):
         if not any(conv_mask[1:]):
             skipped["no_assistant_tokens"] += 1
             continue

@@ -13,6 +13,7 @@ encoding ends, and text with no context is scored after a prefix token (BOS, els
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,26 +32,40 @@ class Loglikelihood:
 
 class LanguageModel:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, prefix_id: int,
-                 stop_ids: tuple[int, ...] = (), batch_size: int = 16):
+                 stop_ids: tuple[int, ...] = (), batch_size: int = 16,
+                 chat_prompt: Callable[[list[dict]], list[int]] | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.prefix_id = prefix_id
         self.stop_ids = stop_ids
         self.batch_size = batch_size
+        # With a chat format, each context is one user turn and the model answers as the
+        # assistant (lm-evaluation-harness's --apply_chat_template).
+        self.chat_prompt = chat_prompt
         self.max_len = model.cfg.max_seq_len
         self.device = model.tok_emb.weight.device
 
     @classmethod
-    def for_chat(cls, chat, batch_size: int = 16) -> LanguageModel:
-        """An opened `serve.chat_model.ChatModel` wrapped for scoring (prefix: its prefix_id)."""
+    def for_chat(cls, chat, batch_size: int = 16, chat_template: bool = False) -> LanguageModel:
+        """An opened `serve.chat_model.ChatModel` wrapped for scoring (prefix: its prefix_id);
+        with `chat_template`, prompts go through its chat format as a user turn."""
         return cls(chat.model, chat.tokenizer, prefix_id=chat.prefix_id,
-                   stop_ids=tuple(chat.stop_ids), batch_size=batch_size)
+                   stop_ids=tuple(chat.stop_ids), batch_size=batch_size,
+                   chat_prompt=chat.format.prompt if chat_template else None)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids if text else []
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Ids of a context: the text itself, or a user turn and the reply's opening."""
+        if self.chat_prompt is None:
+            return self.encode(text)
+        return self.chat_prompt([{"role": "user", "content": text.strip()}])
+
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """Context and continuation ids as lm-evaluation-harness splits them."""
+        if self.chat_prompt is not None:  # the continuation opens the assistant's reply
+            return self.encode_prompt(context), self.encode(continuation.lstrip())
         spaces = len(context) - len(context.rstrip(" "))
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
@@ -93,7 +108,7 @@ class LanguageModel:
         from llmforge.serve.engine import Engine
         from llmforge.serve.sampling import SamplingParams
 
-        ids = [self.encode(p)[-(self.max_len - 1):] or [self.prefix_id] for p in prompts]
+        ids = [self.encode_prompt(p)[-(self.max_len - 1):] or [self.prefix_id] for p in prompts]
         longest = max(map(len, ids)) + max_new_tokens
         engine = Engine(self.model, self.tokenizer, stop_ids=self.stop_ids,
                         max_num_seqs=self.batch_size, max_model_len=min(longest, self.max_len),

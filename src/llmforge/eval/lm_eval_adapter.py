@@ -137,7 +137,7 @@ class LlmforgeLM(LM):
         """The model's own chat format as text (its special tokens re-encode as themselves)."""
         if not add_generation_prompt:
             raise NotImplementedError("llmforge: prefilling an assistant turn is not supported")
-        ids = self.chat.prompt_ids(chat_history)
+        ids = self.chat.format.prompt(chat_history)
         return self.chat.tokenizer.decode(ids, skip_special_tokens=False)
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:

@@ -24,17 +24,19 @@ from llmforge.report.html import BASE_CSS, PAGE_HEAD, png_base64
 from llmforge.serve.chat_model import open_chat_model
 
 
-def language_model(spec: str, device: str = "cpu", batch_size: int = 16) -> LanguageModel:
+def language_model(spec: str, device: str = "cpu", batch_size: int = 16,
+                   chat_template: bool = False) -> LanguageModel:
     """Any model `llmforge chat` opens, wrapped for scoring (prefix: BOS, else the first stop)."""
-    return LanguageModel.for_chat(open_chat_model(spec, device=device), batch_size)
+    return LanguageModel.for_chat(open_chat_model(spec, device=device), batch_size, chat_template)
 
 
 def run_suite(spec: str, tasks: list[str], out_dir: Path, *, limit: int = 0,
-              device: str = "cpu", batch_size: int = 16, log=print) -> dict:
+              device: str = "cpu", batch_size: int = 16, chat_template: bool = False,
+              log=print) -> dict:
     """Evaluate `spec` on each task; write eval.json, items/*.jsonl and report.html."""
     from llmforge.eval.sandbox import run_program
 
-    lm = language_model(spec, device, batch_size)
+    lm = language_model(spec, device, batch_size, chat_template)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "items").mkdir(exist_ok=True)
     results, summary = [], {}
@@ -54,7 +56,7 @@ def run_suite(spec: str, tasks: list[str], out_dir: Path, *, limit: int = 0,
                          "problems": len(result.problems), "seconds": round(seconds, 1)}
         shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
         log(f"{name}: {shown} (n={result.n}, {seconds:.0f}s)")
-    report = {"model": spec, "limit": limit, "tasks": summary}
+    report = {"model": spec, "limit": limit, "chat_template": chat_template, "tasks": summary}
     if any(r.random_baseline > 0 for r in results):
         report["core"] = core_score(results)
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2))

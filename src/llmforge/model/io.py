@@ -85,11 +85,8 @@ def resolve_model_path(spec: str | Path) -> Path:
     return Path(local)
 
 
-def _cpu_state(model: Transformer, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-    return {
-        k: v.detach().to("cpu", dtype or v.dtype).contiguous()
-        for k, v in model.state_dict().items()
-    }
+def _cpu_state(state: dict[str, Tensor], dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -120,8 +117,7 @@ def save_model(model: Transformer, out_dir: Path,
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()} if state else None
-    _write_weights(tensors or _cpu_state(model), out_dir)
+    _write_weights(_cpu_state(state or model.state_dict()), out_dir)
     _write_json(out_dir / "config.json", {**model.cfg.to_dict(), "format": NATIVE_FORMAT})
 
 
@@ -132,11 +128,13 @@ def export_hf(
     dtype: torch.dtype = torch.float32,
     bos_token_id: int | None = None,
     eos_token_id: int | list[int] | None = None,
+    state: dict[str, Tensor] | None = None,
 ) -> None:
     """Hugging Face layout that `AutoModelForCausalLM.from_pretrained` loads directly: Qwen2
     (`Qwen2ForCausalLM`) when the model has q/k/v biases, Llama (`LlamaForCausalLM`) otherwise.
 
-    Tokenizer files and generation_config.json are the caller's job.
+    `state` replaces the model's own state dict, as in `save_model`. Tokenizer files and
+    generation_config.json are the caller's job.
     """
     unsupported = [name for name, on in (("qk_norm", model.cfg.qk_norm),
                                          ("n_experts", model.cfg.n_experts)) if on]
@@ -145,7 +143,7 @@ def export_hf(
                          f"{', '.join(unsupported)}; keep the native model directory")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = _cpu_state(model, dtype)
+    state = _cpu_state(state or model.state_dict(), dtype)
     _write_weights({hf: state[ours] for ours, hf in _name_pairs(model.cfg)}, out_dir)
     _write_json(out_dir / "config.json", _hf_config(model.cfg, dtype, bos_token_id, eos_token_id))
 

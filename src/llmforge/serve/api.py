@@ -229,7 +229,7 @@ class _Server:
 
     def _render(self, messages: list[Message]) -> list[int]:
         try:
-            return self.chat.prompt_ids([m.plain() for m in messages])
+            return self.chat.format.prompt([m.plain() for m in messages])
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
 

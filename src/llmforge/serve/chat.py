@@ -58,7 +58,7 @@ def chat_loop(model: str | Path, *, temperature: float, top_k: int, top_p: float
         history.append({"role": "user", "content": line})
         context = chat.model.cfg.max_seq_len
         budget = context - min(max_new_tokens, context // 2)
-        prompt = _fit_prompt(chat.prompt_ids, system, history, budget)
+        prompt = _fit_prompt(chat.format.prompt, system, history, budget)
         if prompt is None:
             print("(message too long for this model's context; try a shorter one)", file=stdout)
             history.pop()

@@ -161,7 +161,8 @@ def train(
     """Train `model` in place for cfg.max_steps, resuming from ctx.dir/checkpoints if present.
 
     `objective` turns a micro-batch into a loss (the language-model loss unless an alignment
-    method brings its own); its metrics are averaged over the step's micro-batches and logged.
+    method brings its own); its metrics are averaged over the step's micro-batches and ranks,
+    and logged.
     Under torchrun, every rank calls this with its own batch source; `model` is sharded in
     place (fsdp) or wrapped (ddp), and only rank 0 writes metrics.
     """
@@ -210,6 +211,7 @@ def train(
                 for key, value in metrics.items():
                     extras[key] = extras.get(key, 0.0) + value / cfg.grad_accum
             loss_sum = distributed.mean_across_ranks(loss_sum).item()
+            extras = _mean_across_ranks(extras, device)
             grad_norm = _clip(model, cfg.grad_clip)
             skipped = guard.check(loss_sum, grad_norm)
             if skipped:
@@ -288,6 +290,15 @@ class UpdateGuard:
         m = self.momentum
         self.mean = loss if self.mean is None else m * self.mean + (1 - m) * loss
         return None
+
+
+def _mean_across_ranks(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
+    """An objective's metrics over the whole global batch, not just this rank's share."""
+    if not metrics or distributed.info().world_size == 1:
+        return metrics
+    values = distributed.mean_across_ranks(torch.tensor(list(metrics.values()), device=device,
+                                                        dtype=torch.float64))
+    return dict(zip(metrics, values.tolist(), strict=True))
 
 
 def _clip(model: torch.nn.Module, max_norm: float) -> float:
