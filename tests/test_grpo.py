@@ -188,9 +188,9 @@ def test_bad_records_are_counted_not_fatal(tmp_path):
     tasks, skipped = load_tasks(GRPOConfig(data=str(path)))
     assert [t.id for t in tasks] == ["tasks.jsonl:1", "tasks.jsonl:2", "tasks.jsonl:3"]
     assert tasks[1].answer == "5" and tasks[2].messages[0]["content"] == "Three times 3?"
-    assert skipped == Counter(malformed_json=2, missing_prompt=2, missing_answer=1,
-                              empty_answer=1, bad_answer=1, no_number_in_answer=1,
-                              bad_messages=1)
+    assert skipped == Counter(unparsable_json=1, not_an_object=1, missing_prompt=2,
+                              missing_answer=1, empty_answer=1, bad_answer=1,
+                              no_number_in_answer=1, bad_messages=1)
     reward = task_reward(GRPOConfig(data=str(path)))
     assert [reward(t, "The answer is 4") for t in tasks] == [1.0, 0.0, 0.0]
     # A user reward checks what it likes: "two" is a fine answer for it.

@@ -9,6 +9,7 @@ conversation before it is context.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -51,10 +52,18 @@ def _reply_row(chat: ChatFormat, prompt: list[dict], reply: str, context: int) -
     return ids[:-1], targets
 
 
-@torch.inference_mode()
 def reference_logprobs(model: nn.Module, rows: list[tuple[Row, Row]], pad_id: int,
                        batch_size: int = 8) -> Tensor:
     """[N, 2] summed log-probs of each (chosen, rejected) reply under `model` as it is now."""
+    return score_pairs(lambda x, y: sequence_logprobs(model(x), y, y != -100)[0], model, rows,
+                       pad_id, batch_size)
+
+
+@torch.inference_mode()
+def score_pairs(score: Callable[[Tensor, Tensor], Tensor], model: nn.Module,
+                rows: list[tuple[Row, Row]], pad_id: int, batch_size: int = 8) -> Tensor:
+    """[N, 2] `score(inputs, targets)` of each (chosen, rejected) row, batched, with `model` in
+    eval mode for the pass (and back in its own mode after)."""
     was_training = model.training
     model.eval()
     flat = [row for pair in rows for row in pair]
@@ -62,7 +71,7 @@ def reference_logprobs(model: nn.Module, rows: list[tuple[Row, Row]], pad_id: in
     out = []
     for start in range(0, len(flat), batch_size):
         x, y = (t.to(device) for t in pad_batch(flat[start : start + batch_size], pad_id))
-        out.append(sequence_logprobs(model(x), y, y != -100)[0].cpu())
+        out.append(score(x, y).float().cpu())
     model.train(was_training)
     return torch.cat(out).view(-1, 2)
 

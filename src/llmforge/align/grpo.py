@@ -15,7 +15,6 @@ weights.
 from __future__ import annotations
 
 import contextlib
-import json
 import operator
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +28,7 @@ from torch import Tensor, nn
 
 from llmforge.align.finetune import FinetuneConfig
 from llmforge.align.lora import lora_layers
+from llmforge.align.records import read_jsonl
 from llmforge.align.rewards import (
     RewardFn,
     arithmetic_reward,
@@ -169,27 +169,17 @@ def jsonl_tasks(path: Path, max_tasks: int = 0,
         raise FileNotFoundError(f"grpo.data: no such file: {path}")
     tasks: list[Task] = []
     skipped: Counter = Counter()
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            task = _task(f"{path.name}:{lineno}", line, need_number, skipped)
-            if task is not None:
-                tasks.append(task)
-                if max_tasks and len(tasks) >= max_tasks:
-                    break
+    for task_id, record in read_jsonl(path, skipped):
+        task = _task(task_id, record, need_number, skipped)
+        if task is not None:
+            tasks.append(task)
+            if max_tasks and len(tasks) >= max_tasks:
+                break
     return tasks, skipped
 
 
-def _task(task_id: str, line: str, need_number: bool, skipped: Counter) -> Task | None:
+def _task(task_id: str, record: dict, need_number: bool, skipped: Counter) -> Task | None:
     """One record as a Task, or None with the reason counted in `skipped`."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        record = None
-    if not isinstance(record, dict):
-        skipped["malformed_json"] += 1
-        return None
     if "messages" in record:
         messages = record["messages"]
         if not (isinstance(messages, list) and messages

@@ -17,10 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from llmforge.align.dpo import Row
+from llmforge.align.dpo import Row, score_pairs
 from llmforge.align.finetune import FinetuneConfig
 from llmforge.align.preference import reward_model_loss
-from llmforge.align.sft import pad_batch
 from llmforge.model.config import ModelConfig
 from llmforge.model.io import load_model
 from llmforge.model.transformer import Transformer, causal_mask_args
@@ -124,23 +123,13 @@ def reward_objective(margin: float = 0.0) -> Objective:
     return objective
 
 
-@torch.inference_mode()
 def preference_accuracy(model: RewardModel, rows: list[tuple[Row, Row]], pad_id: int,
                         batch_size: int = 8) -> dict:
     """Held-out (chosen, rejected) pairs: the fraction scored chosen > rejected, the mean
     score difference, and the number of pairs."""
     if not rows:
         raise ValueError("no preference pairs to score")
-    was_training = model.training
-    model.eval()
-    flat = [row for pair in rows for row in pair]
-    device = next(model.parameters()).device
-    scores = []
-    for start in range(0, len(flat), batch_size):
-        x, y = (t.to(device) for t in pad_batch(flat[start : start + batch_size], pad_id))
-        scores.append(model(x, y).cpu())
-    model.train(was_training)
-    chosen, rejected = torch.cat(scores).view(-1, 2).unbind(1)
+    chosen, rejected = score_pairs(model, model, rows, pad_id, batch_size).unbind(1)
     diff = chosen - rejected
     return {"accuracy": (diff > 0).float().mean().item(), "margin": diff.mean().item(),
             "pairs": len(rows)}
