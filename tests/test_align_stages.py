@@ -88,7 +88,7 @@ def test_template_format_finds_the_same_tokens_to_learn_as_ours(tiny_chat_model,
 def test_dpo_stage_with_lora_from_a_base_model(tiny_chat_model, tmp_path):
     data = preference_file(tmp_path / "pairs.jsonl")
     summary = stage("dpo", tmp_path, f"dpo.base={tiny_chat_model}", f"dpo.data={data}",
-                    "dpo.val_fraction=0.3", "dpo.lora={r: 4, alpha: 8}",
+                    "dpo.val_fraction=0.3", "dpo.lora={r: 4, alpha: 8}", "dpo.base_dtype=int8",
                     *[f"dpo.{o}" for o in TRAIN])
     assert summary["set_aside"] == {"chosen_equals_rejected": 1, "empty_reply": 1,
                                     "bad_prompt": 1, "missing_fields": 1, "unparsable_json": 1}
@@ -101,7 +101,7 @@ def test_dpo_stage_with_lora_from_a_base_model(tiny_chat_model, tmp_path):
     assert after["logp_accuracy"] >= before["logp_accuracy"]
     out = tmp_path / "align" / "dpo"
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    # The merged model is the base plus the adapter it saved, and it serves.
+    # Trained over an int8 base, the adapter is merged into the fp32 base, and that serves.
     base = open_chat_model(str(tiny_chat_model))
     load_adapter(base.model, out / "adapter")
     x = torch.tensor([base.format.prompt([{"role": "user", "content": "Say hi"}])])
@@ -122,6 +122,40 @@ def test_reward_stage_writes_a_reward_model_with_held_out_accuracy(tiny_chat_mod
     assert "held_out_accuracy" in metrics[-1] and "chosen_reward" in metrics[-1]
     scorer = load_reward_model(tmp_path / "align" / "reward" / "model")
     assert scorer.score.weight.abs().sum() > 0
+
+
+def test_sft_teaches_the_reply_and_its_end_of_turn_token(tiny_chat_model, tmp_path):
+    """Before: the random base never stops. After a short SFT on one answer, greedy decoding
+    gives that answer and stops at the end-of-turn token by itself. (Full fine-tuning: the
+    random base's tiny tied embedding caps its logits, which adapters alone cannot lift.)"""
+    answer = "Hello world, say hi again."
+    lines = [json.dumps({"messages": [{"role": "user", "content": ask},
+                                      {"role": "assistant", "content": answer}]})
+             for ask in ASKS * 3]
+    lines += [json.dumps({"messages": [{"role": "user", "content": "x"},
+                                       {"role": "assistant", "content": " "}]}),
+              json.dumps({"messages": [{"role": "user", "content": "x"}]})]
+    (tmp_path / "chats.jsonl").write_text("\n".join(lines) + "\n")
+    summary = stage("sft", tmp_path, f"sft.base={tiny_chat_model}",
+                    f"sft.data={tmp_path / 'chats.jsonl'}", "sft.val_fraction=0.2",
+                    *[f"sft.{o}" for o in TRAIN], "sft.train.max_steps=40")
+    assert summary["set_aside"] == {"empty_answer": 1, "no_assistant_turn": 1}
+    assert summary["val_loss"] < summary["val_loss_before"] / 4
+    before, after = (reply(d, "Talk to me") for d in (tiny_chat_model,
+                                                        tmp_path / "align" / "sft" / "model"))
+    assert before[1] == "length"
+    assert after == (answer, "stop")
+
+
+def reply(model_dir: Path, text: str) -> tuple[str, str]:
+    chat = open_chat_model(str(model_dir))
+    engine = Engine(chat.model, chat.tokenizer, stop_ids=chat.stop_ids)
+    try:
+        [out] = engine.generate([chat.format.prompt([{"role": "user", "content": text}])],
+                                SamplingParams(max_tokens=24, temperature=0.0))
+    finally:
+        engine.shutdown()
+    return out.choices[0].text, out.choices[0].finish_reason
 
 
 def test_sft_then_grpo_chain_through_the_stages_under_one_run(tiny_chat_model, tmp_path):

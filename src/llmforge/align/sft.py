@@ -112,8 +112,13 @@ def jsonl_examples(path: Path, max_examples: int = 0) -> tuple[list[Example], Co
             except (json.JSONDecodeError, KeyError, TypeError):
                 skipped["malformed_record"] += 1
                 continue
-            if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+            replies = [m.get("content") for m in messages
+                       if isinstance(m, dict) and m.get("role") == "assistant"]
+            if not replies:
                 skipped["no_assistant_turn"] += 1
+                continue
+            if not all(isinstance(r, str) and r.strip() for r in replies):
+                skipped["empty_answer"] += 1
                 continue
             examples.append(Example(f"{path.name}:{lineno}", messages))
             if max_examples and len(examples) >= max_examples:
