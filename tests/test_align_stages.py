@@ -225,3 +225,29 @@ def test_two_ranks_match_one_process_at_the_same_global_batch(tiny_chat_model, t
         assert logged(tmp_path / "two", verb, "loss") == pytest.approx(
             logged(tmp_path / "one", verb, "loss"), rel=1e-4)
     assert (tmp_path / "two" / "align" / verb / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_sft_from_a_base_model_under_torchrun_with_fsdp(tiny_chat_model, tmp_path):
+    """Full fine-tuning sharded over two ranks writes one whole model directory."""
+    records = [json.dumps({"prompt": ask, "completion": "Hello world, say hi again."})
+               for ask in ASKS * 2]
+    (tmp_path / "chats.jsonl").write_text("\n".join(records) + "\n")
+    summary = launch(tmp_path, 2, "sft", f"sft.base={tiny_chat_model}",
+                     f"sft.data={tmp_path / 'chats.jsonl'}", "sft.val_fraction=0.2",
+                     "sft.train.parallel=fsdp", *[f"sft.{o}" for o in TRAIN])
+    assert summary["world_size"] == 2 and summary["val_loss"] < summary["val_loss_before"]
+    assert reply(tmp_path / "align" / "sft" / "model", "Say hi")[1] in ("stop", "length")
+
+
+def test_lora_under_fsdp_and_a_reduced_base_without_lora_are_refused(tiny_chat_model):
+    from llmforge.align.finetune import open_for_training
+    from llmforge.align.lora import LoRAConfig
+    from llmforge.align.sft import SFTConfig
+
+    cfg = SFTConfig(base=str(tiny_chat_model), lora=LoRAConfig(r=4))
+    cfg.train.parallel = "fsdp"
+    with pytest.raises(ValueError, match="parallel=ddp"):
+        open_for_training(cfg, cfg.base, torch.device("cpu"))
+    with pytest.raises(ValueError, match="needs lora"):
+        SFTConfig(base_dtype="int8")

@@ -54,7 +54,11 @@ def base_spec(cfg: FinetuneConfig, upstream: Path | None) -> str:
 
 def open_for_training(cfg: FinetuneConfig, spec: str, device: torch.device) -> tuple[ChatModel,
                                                                                       dict]:
-    """The base opened and made trainable as cfg says; also a summary of what trains."""
+    """The base opened and made trainable as cfg (a method's config, with its `train`) says;
+    also a summary of what trains."""
+    if cfg.lora is not None and cfg.train.parallel == "fsdp":
+        raise ValueError("LoRA trains under train.parallel=ddp: its adapters are a few percent "
+                         "of the model, and FSDP's shards of them could not be saved as one")
     chat = open_chat_model(spec, device=device)
     model = chat.model
     total = sum(p.numel() for p in model.parameters())
