@@ -42,7 +42,7 @@ from llmforge.tokenizer import (
 )
 from llmforge.train import loop
 from llmforge.train.data import RandomWindows, count_windows, sequential_windows
-from llmforge.train.device import pick_device
+from llmforge.train.device import autocast, pick_device
 from llmforge.train.parallel import full_state_dict
 
 
@@ -169,17 +169,24 @@ def run_dpo(ctx: StageContext) -> dict:
     spec, chat, trainable = _open_base(ctx, cfg, "sft")
     train_rows, val_rows, skipped = _preference_rows(ctx, cfg, chat, spec, trainable)
     pad, model = _pad_id(chat), chat.model
-    # The policy starts as the reference: its log-probs now are the reference's, kept for good.
-    reference = dpo.reference_logprobs(model, train_rows, pad)
-    val_reference = dpo.reference_logprobs(model, val_rows, pad)
-    before = dpo.held_out(model, val_rows, val_reference, pad, cfg)
+    device = next(model.parameters()).device
+
+    def held_out() -> dict:
+        with autocast(device, cfg.train.dtype):
+            return dpo.held_out(model, val_rows, val_reference, pad, cfg)
+
+    # The policy starts as the reference: its log-probs now are the reference's, kept for good,
+    # computed in the precision training runs in, so that training starts at exactly log 2.
+    with autocast(device, cfg.train.dtype):
+        reference = dpo.reference_logprobs(model, train_rows, pad)
+        val_reference = dpo.reference_logprobs(model, val_rows, pad)
+    before = held_out()
     dist = distributed.info()
     batches = dpo.PreferenceBatches(train_rows, reference, cfg.train.batch_size, pad,
                                     recipe.seed, rank=dist.rank, world_size=dist.world_size)
     summary = loop.train(model, cfg.train, batches, ctx, objective=cfg.objective(),
-                         evaluate=lambda: dpo.held_out(model, val_rows, val_reference, pad,
-                                                       cfg)["loss"])
-    after = dpo.held_out(model, val_rows, val_reference, pad, cfg)
+                         evaluate=lambda: held_out()["loss"])
+    after = held_out()
     ctx.log.info(f"held-out: chosen more likely than rejected {before['logp_accuracy']:.3f} -> "
                  f"{after['logp_accuracy']:.3f}; reward accuracy {after['rewards/accuracy']:.3f}, "
                  f"margin {after['rewards/margins']:.4f}")
