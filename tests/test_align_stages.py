@@ -243,7 +243,9 @@ def test_sft_from_a_base_model_under_torchrun_with_fsdp(tiny_chat_model, tmp_pat
 def test_lora_under_fsdp_and_a_reduced_base_without_lora_are_refused(tiny_chat_model):
     from llmforge.align.finetune import open_for_training
     from llmforge.align.lora import LoRAConfig
+    from llmforge.align.reward import RewardConfig
     from llmforge.align.sft import SFTConfig
+    from llmforge.train.loop import TrainConfig
 
     cfg = SFTConfig(base=str(tiny_chat_model), lora=LoRAConfig(r=4))
     cfg.train.parallel = "fsdp"
@@ -251,3 +253,5 @@ def test_lora_under_fsdp_and_a_reduced_base_without_lora_are_refused(tiny_chat_m
         open_for_training(cfg, cfg.base, torch.device("cpu"))
     with pytest.raises(ValueError, match="needs lora"):
         SFTConfig(base_dtype="int8")
+    with pytest.raises(ValueError, match="parallel must be ddp"):
+        RewardConfig(train=TrainConfig(parallel="fsdp"))

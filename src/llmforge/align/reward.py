@@ -47,6 +47,9 @@ class RewardConfig(FinetuneConfig):
         super().__post_init__()
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.train.parallel != "ddp":
+            raise ValueError("train.parallel must be ddp: the reward head is saved from the "
+                             "whole model on rank 0")
 
 
 class RewardModel(nn.Module):
