@@ -108,6 +108,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="largest max_tokens a request may ask for")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="largest request body (413 beyond)")
+    p.add_argument("--store", metavar="URL",
+                   help="record every request, its answer, latencies and user feedback "
+                   "(POST /v1/feedback) in this database: sqlite:///PATH or "
+                   "postgresql+psycopg://USER@HOST/DB")
+    p.add_argument("--redact-pii", action="store_true",
+                   help="with --store: redact emails, phone numbers and such before writing")
+    p.add_argument("--retention-days", type=float,
+                   help="with --store: delete requests older than this")
+    p.add_argument("--model-version", help="recorded with each request (default: the model name)")
     p.add_argument("--quantization", choices=("none", "int4"), default="none",
                    help="int4: the blocks' weights as 4-bit groups of 32 (CPU; a Q4_1 GGUF "
                    "keeps its own codes), about 1.2-1.4x faster single-stream decoding")
@@ -209,10 +218,17 @@ def _serve(args: argparse.Namespace) -> int:
     from llmforge.serve.api import ServerSettings
     from llmforge.serve.server import serve
 
+    store = None
+    if args.store:
+        from llmforge.monitor.store import RequestStore
+
+        store = RequestStore(args.store, redact_pii=args.redact_pii,
+                             retention_days=args.retention_days)
     settings = ServerSettings(api_key=args.api_key or os.environ.get("LLMFORGE_API_KEY"),
                               served_model_name=args.served_model_name,
                               max_tokens_limit=args.max_tokens_limit,
-                              max_body_bytes=args.max_body_bytes)
+                              max_body_bytes=args.max_body_bytes, store=store,
+                              model_version=args.model_version)
     try:
         serve(args.model, host=args.host, port=args.port, settings=settings,
               max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,

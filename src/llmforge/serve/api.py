@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API over the inference engine.
 
 Endpoints: /v1/completions, /v1/chat/completions (both also as server-sent event streams),
-/v1/models, /tokenize, /detokenize, /health, /metrics and the chat page at /.
+/v1/models, /tokenize, /detokenize, /health, /metrics and the chat page at /. With a request
+store, every generation request is recorded and /v1/feedback takes users' judgements of them.
 
 The service keeps itself safe: an optional bearer key, limits on body size, prompt length and
 max_tokens, a 429 when the engine's queue is full, OpenAI's error JSON for every failure
@@ -32,6 +33,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from llmforge.monitor.store import Feedback, RequestStore
 from llmforge.serve.chat_model import ChatModel
 from llmforge.serve.engine import Engine
 from llmforge.serve.metrics import CountRequests, Metrics
@@ -43,10 +45,12 @@ from llmforge.serve.protocol import (
     CompletionRequest,
     CompletionShape,
     DetokenizeRequest,
+    FeedbackRequest,
     Message,
     TokenizeRequest,
     usage,
 )
+from llmforge.serve.request_log import request_record
 from llmforge.serve.sampling import SamplingParams
 
 CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
@@ -66,6 +70,8 @@ class ServerSettings:
     max_tokens_limit: int = 4096  # a larger max_tokens is a 400
     max_body_bytes: int = 1 << 20  # a larger request body is a 413
     default_max_tokens: int | None = None  # default: as many as fit, up to max_tokens_limit
+    store: RequestStore | None = None  # where every request and its feedback are recorded
+    model_version: str | None = None  # recorded with each request; default: the model's name
 
 
 def create_app(chat: ChatModel, engine: Engine, settings: ServerSettings) -> FastAPI:
@@ -77,6 +83,8 @@ def create_app(chat: ChatModel, engine: Engine, settings: ServerSettings) -> Fas
         engine.start()
         yield
         await asyncio.to_thread(engine.shutdown, drain=True, timeout=DRAIN_TIMEOUT_S)
+        if settings.store is not None:
+            await asyncio.to_thread(settings.store.close)
 
     app = FastAPI(title="llmforge", lifespan=lifespan)
     app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
@@ -91,6 +99,7 @@ def create_app(chat: ChatModel, engine: Engine, settings: ServerSettings) -> Fas
     api.post("/v1/chat/completions")(server.chat_completions)
     api.post("/tokenize")(server.tokenize)
     api.post("/detokenize")(server.detokenize)
+    api.post("/v1/feedback")(server.feedback)
     app.include_router(api)
     return app
 
@@ -143,6 +152,23 @@ class _Server:
                            param="tokens")
         return {"prompt": self.chat.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
+    async def feedback(self, body: FeedbackRequest) -> dict:
+        """A user's thumb, rating, preferred answer or note on a response this server gave."""
+        store = self.settings.store
+        if store is None:
+            raise APIError(404, "this server keeps no request store (start it with --store)")
+        feedback = Feedback(thumb=body.thumb, rating=body.rating, preferred=body.preferred,
+                            note=body.note)
+        try:
+            feedback.validate()
+        except ValueError as e:
+            raise APIError(400, str(e)) from e
+        try:
+            feedback_id = await asyncio.to_thread(store.add_feedback, body.id, feedback)
+        except KeyError:
+            raise APIError(404, f"no stored response with id {body.id!r}", param="id") from None
+        return {"id": feedback_id, "object": "feedback", "response_id": body.id}
+
     # ---------- generation ----------
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
@@ -179,7 +205,9 @@ class _Server:
         outputs = await run.wait(request)
         if run.abandoned:
             request.state.outcome = "abort"
-        if error := next((o.error for o in outputs if o.error), None):
+        error = next((o.error for o in outputs if o.error), None)
+        self._record(request, meta["id"], body, outputs, error)
+        if error:
             raise APIError(500, f"generation failed: {error}")
         choices = [shape.choice(i * body.n + c.index, out, c, i)
                    for i, out in enumerate(outputs) for c in out.choices]
@@ -214,6 +242,21 @@ class _Server:
         finally:
             if run.cancel():
                 request.state.outcome = "abort"
+            self._record(request, meta["id"], body, run.outputs,
+                         next((o.error for o in run.outputs if o and o.error), None))
+
+    def _record(self, request: Request, response_id: str, body: CompletionRequest | ChatRequest,
+                outputs: list[RequestOutput | None], error: str | None) -> None:
+        """Hand the finished request to the store (never blocks, never raises)."""
+        if self.settings.store is None:
+            return
+        endpoint = "chat.completions" if isinstance(body, ChatRequest) else "completions"
+        client = body.user or request.headers.get("x-client-id") or (
+            request.client.host if request.client else None)
+        self.settings.store.log(request_record(
+            response_id, body, outputs, model=self.name,
+            model_version=self.settings.model_version or self.name, endpoint=endpoint,
+            client_id=client, error=error))
 
     # ---------- checks ----------
 

@@ -11,7 +11,7 @@ import itertools
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from llmforge.serve.outputs import Choice, Delta, RequestOutput, TokenLogprob
 from llmforge.serve.sampling import SamplingParams
@@ -249,3 +249,13 @@ class ChatShape:
 
     def finish(self, index: int, reason: str) -> dict:
         return {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}
+
+
+class FeedbackRequest(_Body):
+    """POST /v1/feedback: a user's judgement of a response the server returned."""
+
+    id: str = Field(min_length=1)  # the response's id ("chatcmpl-…", "cmpl-…")
+    thumb: int | None = None  # 1 up, -1 down
+    rating: int | None = None  # 1..5
+    preferred: str | None = None  # the answer the user would have wanted instead
+    note: str | None = None

@@ -1,0 +1,75 @@
+"""`llmforge serve --store`: every request lands in the database, and feedback on it comes back
+through /v1/feedback, with a real server, the official openai client and SQLite."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from llmforge.monitor.store import RequestStore
+from llmforge.serve.launch import launch_server
+
+
+@pytest.fixture(scope="module")
+def served(tiny_chat_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("store")
+    url = f"sqlite:///{tmp / 'requests.db'}"
+    with launch_server(tiny_chat_model, "--store", url, "--redact-pii", "--model-version", "v7",
+                       threads=1, log=tmp / "server.log") as server:
+        yield server.url, url
+
+
+def stored(db_url: str, response_id: str) -> dict:
+    store = RequestStore(db_url)
+    try:
+        rows = [r for r in store.requests() if r["id"] == response_id]
+    finally:
+        store.close()
+    assert len(rows) == 1, f"{response_id} stored {len(rows)} times"
+    return rows[0]
+
+
+def test_requests_are_stored_with_their_answers_and_feedback_comes_back(served):
+    url, db = served
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x")
+    chat = client.chat.completions.create(
+        model="", messages=[{"role": "user", "content": "Mail me at jo@example.com"}],
+        max_tokens=5, temperature=0, user="client-42")
+    stream = client.completions.create(model="", prompt="Hello", max_tokens=4, stream=True,
+                                       temperature=0)
+    chunks = list(stream)
+    streamed_text = "".join(c.choices[0].text for c in chunks if c.choices)
+    feedback = httpx.post(f"{url}/v1/feedback", json={
+        "id": chat.id, "thumb": -1, "preferred": "Sure, write to jo@example.com", "note": "meh"})
+    assert feedback.status_code == 200, feedback.text
+
+    row = stored(db, chat.id)
+    assert row["endpoint"] == "chat.completions" and row["model_version"] == "v7"
+    assert row["client_id"] == "client-42" and row["status"] == "ok"
+    assert "jo@example.com" not in row["prompt"] and "Mail me at" in row["prompt"]
+    assert row["output"] == chat.choices[0].message.content
+    assert row["completion_tokens"] == chat.usage.completion_tokens
+    assert row["prompt_tokens"] == chat.usage.prompt_tokens
+    assert row["finish_reason"] == chat.choices[0].finish_reason
+    assert row["e2e_ms"] >= row["ttft_ms"] > 0 and row["sampling"]["max_tokens"] == 5
+    streamed = stored(db, chunks[0].id)
+    assert streamed["endpoint"] == "completions" and streamed["output"] == streamed_text
+
+    store = RequestStore(db)
+    try:
+        [joined] = [f for f in store.feedback_with_requests() if f["request_id"] == chat.id]
+    finally:
+        store.close()
+    assert joined["thumb"] == -1 and joined["note"] == "meh"
+    assert "jo@example.com" not in joined["preferred"]
+
+
+def test_feedback_errors_are_openai_errors(served):
+    url, _ = served
+    unknown = httpx.post(f"{url}/v1/feedback", json={"id": "chatcmpl-nope", "thumb": 1})
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "id"
+    empty = httpx.post(f"{url}/v1/feedback", json={"id": "chatcmpl-nope"})
+    assert empty.status_code == 400 and "feedback" in empty.json()["error"]["message"].lower()
+    bad = httpx.post(f"{url}/v1/feedback", json={"id": 3, "thumb": "up"})
+    assert bad.status_code == 400 and "error" in bad.json()
