@@ -3,6 +3,8 @@ through /v1/feedback, with a real server, the official openai client and SQLite.
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -73,3 +75,51 @@ def test_feedback_errors_are_openai_errors(served):
     assert empty.status_code == 400 and "feedback" in empty.json()["error"]["message"].lower()
     bad = httpx.post(f"{url}/v1/feedback", json={"id": 3, "thumb": "up"})
     assert bad.status_code == 400 and "error" in bad.json()
+
+
+ASKS = ["Say hi", "Hello?", "What now?", "Tell me", "Any code?", "Quick one", "Again?",
+        "Talk to me", "Go on", "Write", "Greet me", "Speak"]
+
+
+def test_feedback_becomes_dpo_data_and_the_new_model_serves(tiny_chat_model, tmp_path):
+    """The loop: serve, collect feedback, export it, run DPO on it, serve the new version."""
+    from llmforge.align.pairs import load_pairs
+    from llmforge.align.sft import jsonl_examples
+    from llmforge.cli import main
+
+    db = f"sqlite:///{tmp_path / 'requests.db'}"
+    better = "Hello world, say hi again."
+    with launch_server(tiny_chat_model, "--store", db, threads=1) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x")
+        for i, ask in enumerate(ASKS):
+            answer = client.chat.completions.create(
+                model="", messages=[{"role": "user", "content": ask}], max_tokens=12,
+                seed=i, extra_body={"ignore_eos": True})  # the random model stops at once
+            assert answer.choices[0].message.content.strip()
+            judgement = {"preferred": better} if i % 4 else {"thumb": 1}
+            assert httpx.post(f"{server.url}/v1/feedback",
+                              json={"id": answer.id, **judgement}).status_code == 200
+        httpx.post(f"{server.url}/v1/feedback", json={"id": answer.id, "note": "just a note"})
+
+    out = tmp_path / "feedback"
+    assert main(["monitor", "export", "--store", db, "--out", str(out)]) == 0
+    pairs, skipped = load_pairs(out / "preferences.jsonl")
+    examples, bad = jsonl_examples(out / "sft.jsonl")
+    assert len(pairs) == 9 and not skipped and all(p.chosen == better for p in pairs)
+    assert len(examples) == 12 and not bad  # 9 preferred answers + 3 thumbs-up
+
+    assert main(["dpo", f"run_dir={tmp_path}", "name=loop", f"dpo.base={tiny_chat_model}",
+                 f"dpo.data={out / 'preferences.jsonl'}", "dpo.val_fraction=0.3",
+                 "dpo.train.max_steps=10", "dpo.train.batch_size=4", "dpo.train.lr=3e-3",
+                 "dpo.train.warmup_steps=1", "dpo.train.dtype=fp32",
+                 "dpo.train.eval_every=100"]) == 0
+    summary = json.loads((tmp_path / "loop" / "dpo" / "summary.json").read_text())
+    assert summary["train_pairs"] + summary["held_out_pairs"] == 9
+    assert summary["held_out_after"]["rewards/margins"] > 0
+    new_model = tmp_path / "loop" / "dpo" / "model"
+    with launch_server(new_model, "--model-version", "v2", threads=1) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x")
+        reply = client.chat.completions.create(
+            model="", messages=[{"role": "user", "content": "Say hi"}], max_tokens=6,
+            temperature=0)
+        assert reply.usage.completion_tokens >= 1

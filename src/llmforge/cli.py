@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from importlib import resources
@@ -121,6 +122,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="int4: the blocks' weights as 4-bit groups of 32 (CPU; a Q4_1 GGUF "
                    "keeps its own codes), about 1.2-1.4x faster single-stream decoding")
     p.set_defaults(handler=_serve)
+    p = sub.add_parser("monitor", help="what a served model's request store holds",
+                       description="Work on the request store `llmforge serve --store` writes.")
+    monitor = p.add_subparsers(dest="monitor_command", metavar="SUBCOMMAND", required=True)
+    p = monitor.add_parser("export", help="users' feedback as DPO preference pairs and SFT "
+                           "examples", description="Writes OUT/preferences.jsonl (a preferred "
+                           "answer vs the model's) and OUT/sft.jsonl (liked or preferred "
+                           "answers), in the formats `llmforge dpo` and `llmforge sft` read.")
+    p.add_argument("--store", required=True, metavar="URL", help="the store's database URL")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--min-rating", type=int, default=4,
+                   help="a rating from which an answer counts as liked (1-5)")
+    p.set_defaults(handler=_monitor_export)
     return parser
 
 
@@ -235,6 +248,19 @@ def _serve(args: argparse.Namespace) -> int:
               max_waiting=args.max_waiting, quantization=args.quantization)
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
         return 130
+    return 0
+
+
+def _monitor_export(args: argparse.Namespace) -> int:
+    from llmforge.monitor.export import export_feedback
+    from llmforge.monitor.store import RequestStore
+
+    store = RequestStore(args.store)
+    try:
+        summary = export_feedback(store, args.out, args.min_rating)
+    finally:
+        store.close()
+    print(json.dumps(summary))
     return 0
 
 

@@ -466,7 +466,8 @@ class RequestStore:
         """Every feedback entry, oldest first, with the prompt and output it is about."""
         f, r = FEEDBACK.c, REQUESTS.c
         query = (select(f.id.label("feedback_id"), f.request_id, f.created_at, f.thumb, f.rating,
-                        f.preferred, f.note, r.model, r.model_version, r.client_id, r.prompt,
-                        r.output)
+                        f.preferred, f.note, r.model, r.model_version, r.client_id, r.endpoint,
+                        r.prompt, r.output, r.sampling)
                  .join_from(FEEDBACK, REQUESTS).order_by(f.id))
-        return [dict(row._mapping) for row in self._read(query)]
+        return [{**row._mapping, "sampling": json.loads(row.sampling)}
+                for row in self._read(query)]
