@@ -45,14 +45,24 @@ def _run_unprivileged(root):
     """A runner for server commands; initdb and postgres refuse to run as root."""
     kwargs = {"check": True, "capture_output": True, "text": True, "cwd": root}
     if os.geteuid() == 0:
-        try:
-            nobody = pwd.getpwnam("nobody")
-        except KeyError:
-            pytest.skip("running as root and there is no 'nobody' user to run PostgreSQL as")
-        os.chown(root, nobody.pw_uid, nobody.pw_gid)
-        kwargs |= {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": [],
+        # Not `nobody`: the code sandbox's tests run untrusted programs as nobody and check
+        # that no process of that user outlives them.
+        owner = next((user for name in ("postgres", "daemon")
+                      if (user := _user(name)) is not None), None)
+        if owner is None:
+            pytest.skip("running as root and there is no 'postgres' or 'daemon' user to run "
+                        "PostgreSQL as")
+        os.chown(root, owner.pw_uid, owner.pw_gid)
+        kwargs |= {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": [],
                    "env": {**os.environ, "HOME": str(root)}}
     return lambda args: subprocess.run(args, **kwargs)
+
+
+def _user(name: str) -> pwd.struct_passwd | None:
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        return None
 
 
 def _pg_binary(name: str) -> str | None:
@@ -62,7 +72,7 @@ def _pg_binary(name: str) -> str | None:
     return found or (str(debian[-1]) if debian else None)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def postgres_server():
     """URL template of a PostgreSQL server reachable only through a socket in a private dir."""
     initdb, pg_ctl = (_pg_binary(name) for name in ("initdb", "pg_ctl"))
