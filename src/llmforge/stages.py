@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -184,9 +185,10 @@ def run_dpo(ctx: StageContext) -> dict:
     dist = distributed.info()
     batches = dpo.PreferenceBatches(train_rows, reference, cfg.train.batch_size, pad,
                                     recipe.seed, rank=dist.rank, world_size=dist.world_size)
+    measured = _Measured(held_out)
     summary = loop.train(model, cfg.train, batches, ctx, objective=cfg.objective(),
-                         evaluate=lambda: held_out()["loss"])
-    after = held_out()
+                         evaluate=lambda: measured()["loss"])
+    after = measured.final()
     ctx.log.info(f"held-out: chosen more likely than rejected {before['logp_accuracy']:.3f} -> "
                  f"{after['logp_accuracy']:.3f}; reward accuracy {after['rewards/accuracy']:.3f}, "
                  f"margin {after['rewards/margins']:.4f}")
@@ -205,10 +207,10 @@ def run_reward(ctx: StageContext) -> dict:
     dist = distributed.info()
     batches = dpo.PreferenceBatches(train_rows, None, cfg.train.batch_size, pad, recipe.seed,
                                     rank=dist.rank, world_size=dist.world_size)
+    measured = _Measured(lambda: preference_accuracy(scorer, val_rows, pad))
     summary = loop.train(scorer, cfg.train, batches, ctx, objective=reward_objective(cfg.margin),
-                         benchmark=lambda: {"held_out_accuracy": preference_accuracy(
-                             scorer, val_rows, pad)["accuracy"]})
-    held_out = preference_accuracy(scorer, val_rows, pad)
+                         benchmark=lambda: {"held_out_accuracy": measured()["accuracy"]})
+    held_out = measured.final()
     ctx.log.info(f"held-out accuracy {held_out['accuracy']:.3f} (chance 0.5), mean margin "
                  f"{held_out['margin']:.3f} over {held_out['pairs']} pairs")
     finetune.save_trained(chat, cfg, spec, ctx.dir, ctx.is_main)
@@ -249,6 +251,22 @@ def run_grpo(ctx: StageContext) -> dict:
     finetune.save_trained(chat, cfg, spec, ctx.dir, ctx.is_main)
     return {**summary, **trainable, "held_out_before": before, "held_out_after": after,
             "train_tasks": len(batches.tasks), "set_aside": skipped}
+
+
+class _Measured:
+    """A held-out measurement the loop takes at each evaluation, remembered: the loop always
+    evaluates after its last step, so the stage's final numbers are that one, not a second
+    pass over the held-out set (measured afresh only when no step ran, as on a finished run)."""
+
+    def __init__(self, measure: Callable[[], dict]):
+        self.measure, self.last = measure, None
+
+    def __call__(self) -> dict:
+        self.last = self.measure()
+        return self.last
+
+    def final(self) -> dict:
+        return self.last if self.last is not None else self()
 
 
 def _open_base(ctx: StageContext, cfg: finetune.FinetuneConfig,

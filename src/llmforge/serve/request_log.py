@@ -38,7 +38,7 @@ def request_record(response_id: str, body: CompletionRequest | ChatRequest,
         else body.prompt
     return RequestRecord(
         id=response_id, model=model, model_version=model_version, client_id=client_id,
-        endpoint=endpoint, prompt=prompt if isinstance(prompt, str | list) else str(prompt),
+        endpoint=endpoint, prompt=prompt,
         output=texts[0] if len(texts) == 1 else json.dumps(texts),
         prompt_tokens=sum(o.prompt_tokens for o in done), completion_tokens=generated,
         finish_reason=",".join(reasons) or None, ttft_ms=ttft, e2e_ms=e2e, itl_ms=itl,
