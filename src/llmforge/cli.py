@@ -134,7 +134,51 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-rating", type=int, default=4,
                    help="a rating from which an answer counts as liked (1-5)")
     p.set_defaults(handler=_monitor_export)
+    p = monitor.add_parser("drift", help="has traffic moved away from a reference window?",
+                           description="Tests the last --current-days of answered requests "
+                           "against the --reference-days before them: prompt and output "
+                           "lengths, prompt language, prompt tokens, refusals, stop reasons and, "
+                           "with --model, the model's perplexity on the prompts. Exits 1 when "
+                           "a column drifted.")
+    _add_store_drift_args(p)
+    p.add_argument("--json", type=Path, help="also write the report here as JSON")
+    p.set_defaults(handler=_monitor_drift)
+    p = monitor.add_parser("dashboard", help="serve a dashboard page of the request store",
+                           description="Latency percentiles, throughput, errors, drift, safety "
+                           "flags and feedback over time, as plots, at http://HOST:PORT/; "
+                           "drift gauges for Prometheus at /metrics.")
+    _add_store_drift_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8001)
+    p.set_defaults(handler=_monitor_dashboard)
+    p = monitor.add_parser("gate", help="is a candidate model worse than the serving one?",
+                           description="Evaluates NEW and OLD on the same fixed items and fails "
+                           "(exit 1) when NEW is worse on a task beyond the noise: a one-sided "
+                           "paired test over the items at --alpha.")
+    p.add_argument("new", help="the candidate model (any source `chat` takes)")
+    p.add_argument("old", help="the serving model")
+    p.add_argument("--tasks", default="arc_easy,hellaswag",
+                   help="built-in task names or task YAML paths, comma-separated")
+    p.add_argument("--limit", type=int, default=500, help="first N items of each task (0 = all)")
+    p.add_argument("--alpha", type=float, default=0.05,
+                   help="false-alarm rate per task of the one-sided test")
+    p.add_argument("--tolerance", type=float, default=0.0,
+                   help="a drop in the per-item score (e.g. 0.01 = one point of accuracy) "
+                   "accepted without failing")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", type=Path, default=Path("runs/gate"),
+                   help="writes new/ and old/ evaluations and gate.json here")
+    p.set_defaults(handler=_monitor_gate)
     return parser
+
+
+def _add_store_drift_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", required=True, metavar="URL", help="the store's database URL")
+    p.add_argument("--reference-days", type=float, default=7.0)
+    p.add_argument("--current-days", type=float, default=1.0)
+    p.add_argument("--model-version", help="only requests served by this model version")
+    p.add_argument("--model", help="score the prompts' perplexity with this model (a model "
+                   "directory, hf://owner/name or gguf:PATH)")
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -262,6 +306,44 @@ def _monitor_export(args: argparse.Namespace) -> int:
         store.close()
     print(json.dumps(summary))
     return 0
+
+
+def _monitor_drift(args: argparse.Namespace) -> int:
+    from llmforge.monitor.store import RequestStore
+    from llmforge.monitor.store_drift import PromptPerplexity, store_drift
+
+    perplexity = PromptPerplexity(args.model) if args.model else None
+    store = RequestStore(args.store)
+    try:
+        report = store_drift(store, reference_days=args.reference_days,
+                             current_days=args.current_days, model_version=args.model_version,
+                             perplexity=perplexity)
+    finally:
+        store.close()
+    print(report.summary())
+    if args.json:
+        args.json.write_text(json.dumps(report.to_dict(), indent=2))
+    return 1 if report.drifted else 0
+
+
+def _monitor_dashboard(args: argparse.Namespace) -> int:
+    from llmforge.monitor.dashboard import serve_dashboard
+
+    serve_dashboard(args.store, host=args.host, port=args.port,
+                    reference_days=args.reference_days, current_days=args.current_days,
+                    model_version=args.model_version, model=args.model)
+    return 0
+
+
+def _monitor_gate(args: argparse.Namespace) -> int:
+    from llmforge.monitor.gate import format_gate, run_gate
+    from llmforge.train.device import pick_device
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    result = run_gate(args.new, args.old, tasks, args.out, limit=args.limit, alpha=args.alpha,
+                      tolerance=args.tolerance, batch_size=args.batch_size, device=pick_device())
+    print(format_gate(result))
+    return 0 if result.passed else 1
 
 
 if __name__ == "__main__":

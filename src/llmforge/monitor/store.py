@@ -162,6 +162,12 @@ class Feedback:
             if not isinstance(getattr(self, name), str | None):
                 raise ValueError(f"{name} must be text")
 
+    def kinds(self) -> list[str]:
+        """What this feedback holds: thumb_up / thumb_down, rating, preferred, note."""
+        thumb = {1: ["thumb_up"], -1: ["thumb_down"]}.get(self.thumb, [])
+        return [*thumb, *(name for name in ("rating", "preferred", "note")
+                          if _given(getattr(self, name)))]
+
 
 def _redact_text(value: str) -> str:
     return redact(value)[0]
@@ -303,6 +309,11 @@ class RequestStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def failure_counts(self) -> dict[str, int]:
+        """A snapshot of `failures`, safe to take while the writer counts."""
+        with self._failures_lock:
+            return dict(self.failures)
 
     def _fail(self, reason: str, n: int = 1, exc: BaseException | None = None) -> None:
         """Count `n` lost records; the first failure of each kind is logged, later ones only

@@ -111,7 +111,9 @@ class _Server:
         self.chat, self.engine, self.settings = chat, engine, settings
         self.name = settings.served_model_name or chat.name
         self.max_prompt = settings.max_prompt_tokens or engine.max_model_len - 1
-        self.metrics = Metrics(lambda: engine.num_running, lambda: engine.num_waiting)
+        store = settings.store
+        self.metrics = Metrics(lambda: engine.num_running, lambda: engine.num_waiting,
+                               store.failure_counts if store else dict)
         self.created = int(time.time())
         decode = chat.tokenizer.decode
         self.token_text = lru_cache(maxsize=1 << 16)(
@@ -167,6 +169,8 @@ class _Server:
             feedback_id = await asyncio.to_thread(store.add_feedback, body.id, feedback)
         except KeyError:
             raise APIError(404, f"no stored response with id {body.id!r}", param="id") from None
+        for kind in feedback.kinds():
+            self.metrics.feedback.labels(kind).inc()
         return {"id": feedback_id, "object": "feedback", "response_id": body.id}
 
     # ---------- generation ----------

@@ -7,9 +7,10 @@ taken on the engine thread as tokens come out, not when the event loop gets roun
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmforge.serve.outputs import Delta, RequestOutput
@@ -19,8 +20,10 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 
 
 class Metrics:
-    def __init__(self, num_running: Callable[[], int], num_waiting: Callable[[], int]):
-        """`num_running` and `num_waiting` are read (called) at every scrape."""
+    def __init__(self, num_running: Callable[[], int], num_waiting: Callable[[], int],
+                 store_failures: Callable[[], Mapping[str, int]] = dict):
+        """`num_running`, `num_waiting` and `store_failures` (the request store's dropped
+        records by reason) are read (called) at every scrape."""
         self.registry = r = CollectorRegistry()
         self.requests = Counter("llmforge_requests", "HTTP API requests by endpoint and outcome "
                                 "(success, error, abort, rejected)", ["endpoint", "outcome"],
@@ -36,6 +39,14 @@ class Metrics:
                                      registry=r)
         self.generation_tokens = Counter("llmforge_generation_tokens", "Tokens generated",
                                          registry=r)
+        self.safety_flags = Counter("llmforge_safety_flags", "Safety flags raised on prompts "
+                                    "and outputs, by model version and flag",
+                                    ["model_version", "flag"], registry=r)
+        self.feedback = Counter("llmforge_feedback", "User feedback received, by kind "
+                                "(thumb_up, thumb_down, rating, preferred, note)", ["kind"],
+                                registry=r)
+        r.register(_LiveCounter("llmforge_request_store_failures", "Request records the store "
+                                "dropped, by reason", "reason", store_failures))
         Gauge("llmforge_num_requests_running", "Requests being decoded",
               registry=r).set_function(num_running)
         Gauge("llmforge_num_requests_waiting", "Requests queued for a decode slot",
@@ -46,6 +57,20 @@ class Metrics:
 
     def timer(self) -> RequestTimer:
         return RequestTimer(self)
+
+
+class _LiveCounter:
+    """A labelled counter read from a live {label: count} mapping at every scrape."""
+
+    def __init__(self, name: str, documentation: str, label: str,
+                 read: Callable[[], Mapping[str, int]]):
+        self.name, self.documentation, self.label, self.read = name, documentation, label, read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=[self.label])
+        for value, count in sorted(self.read().items()):
+            family.add_metric([value], count)
+        yield family
 
 
 class RequestTimer:
