@@ -2,7 +2,8 @@
 
 Endpoints: /v1/completions, /v1/chat/completions (both also as server-sent event streams),
 /v1/models, /tokenize, /detokenize, /health, /metrics and the chat page at /. With a request
-store, every generation request is recorded and /v1/feedback takes users' judgements of them.
+store, every generation request is recorded and /v1/feedback takes users' judgements of them;
+every request's safety flags (PII, toxicity, jailbreak attempts) are counted in /metrics.
 
 The service keeps itself safe: an optional bearer key, limits on body size, prompt length and
 max_tokens, a 429 when the engine's queue is full, OpenAI's error JSON for every failure
@@ -33,6 +34,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from llmforge.monitor.safety import SafetyChecker
 from llmforge.monitor.store import Feedback, RequestStore
 from llmforge.serve.chat_model import ChatModel
 from llmforge.serve.engine import Engine
@@ -72,6 +74,7 @@ class ServerSettings:
     default_max_tokens: int | None = None  # default: as many as fit, up to max_tokens_limit
     store: RequestStore | None = None  # where every request and its feedback are recorded
     model_version: str | None = None  # recorded with each request; default: the model's name
+    safety: SafetyChecker = SafetyChecker()  # flags every request's prompt and output
 
 
 def create_app(chat: ChatModel, engine: Engine, settings: ServerSettings) -> FastAPI:
@@ -251,16 +254,19 @@ class _Server:
 
     def _record(self, request: Request, response_id: str, body: CompletionRequest | ChatRequest,
                 outputs: list[RequestOutput | None], error: str | None) -> None:
-        """Hand the finished request to the store (never blocks, never raises)."""
-        if self.settings.store is None:
-            return
+        """Flag the finished request, count its flags and hand it to the store (never blocks,
+        never raises)."""
         endpoint = "chat.completions" if isinstance(body, ChatRequest) else "completions"
         client = body.user or request.headers.get("x-client-id") or (
             request.client.host if request.client else None)
-        self.settings.store.log(request_record(
-            response_id, body, outputs, model=self.name,
-            model_version=self.settings.model_version or self.name, endpoint=endpoint,
-            client_id=client, error=error))
+        version = self.settings.model_version or self.name
+        record = request_record(response_id, body, outputs, model=self.name,
+                                model_version=version, endpoint=endpoint, client_id=client,
+                                safety=self.settings.safety, error=error)
+        for flag in record.safety_flags:
+            self.metrics.safety_flags.labels(version, flag).inc()
+        if self.settings.store is not None:
+            self.settings.store.log(record)
 
     # ---------- checks ----------
 
