@@ -473,12 +473,21 @@ class RequestStore:
             query = query.where(c.model_version == model_version)
         return [_decode_request(row) for row in self._read(query)]
 
-    def feedback_with_requests(self) -> list[dict[str, Any]]:
-        """Every feedback entry, oldest first, with the prompt and output it is about."""
+    def feedback_with_requests(self, since: datetime | None = None,
+                               until: datetime | None = None,
+                               model_version: str | None = None) -> list[dict[str, Any]]:
+        """Feedback entries given in [since, until), oldest first, optionally on one model
+        version's answers, with the prompt and output each is about."""
         f, r = FEEDBACK.c, REQUESTS.c
         query = (select(f.id.label("feedback_id"), f.request_id, f.created_at, f.thumb, f.rating,
                         f.preferred, f.note, r.model, r.model_version, r.client_id, r.endpoint,
                         r.prompt, r.output, r.sampling)
                  .join_from(FEEDBACK, REQUESTS).order_by(f.id))
+        if since is not None:
+            query = query.where(f.created_at >= since)
+        if until is not None:
+            query = query.where(f.created_at < until)
+        if model_version is not None:
+            query = query.where(r.model_version == model_version)
         return [{**row._mapping, "sampling": json.loads(row.sampling)}
                 for row in self._read(query)]
