@@ -1,7 +1,11 @@
 """Fixtures shared by several test modules."""
 
+import shutil
+
 import pytest
 import torch
+
+CHROMIUM = shutil.which("chromium")  # Debian's /usr/bin/chromium, driven through Playwright
 
 
 @pytest.fixture(scope="module")
@@ -41,3 +45,21 @@ def tiny_chat_model(tmp_path_factory):
     save_model(model, out)
     shutil.copy(tmp / "tok.json", out / "tokenizer.json")
     return out
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (skipped where there is none); Playwright's `expect` waits up to 30 s
+    while it is open, as pages here wait on a CPU model."""
+    if CHROMIUM is None:
+        pytest.skip("needs a chromium binary on PATH (Debian's /usr/bin/chromium) for Playwright")
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=30_000)
+    try:
+        with sync_playwright() as p:
+            b = p.chromium.launch(executable_path=CHROMIUM)
+            yield b
+            b.close()
+    finally:
+        expect.set_options(timeout=5_000)  # Playwright's default

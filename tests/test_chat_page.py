@@ -33,20 +33,6 @@ def server(tiny_chat_model, tmp_path_factory):
         yield server.url
 
 
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import expect, sync_playwright
-
-    expect.set_options(timeout=TIMEOUT_MS)
-    try:
-        with sync_playwright() as p:
-            b = p.chromium.launch(executable_path=CHROMIUM)
-            yield b
-            b.close()
-    finally:
-        expect.set_options(timeout=5_000)  # Playwright's default
-
-
 @pytest.fixture
 def open_page(browser):
     """open_page(url) -> a fresh page (its own local storage) at url, checked for JS errors."""

@@ -41,7 +41,6 @@ from llmforge.monitor.timeseries import (
 )
 from llmforge.serve.launch import free_port
 
-CHROMIUM = shutil.which("chromium")
 NOW = datetime.now(UTC).replace(microsecond=0)
 START = NOW - timedelta(days=2)
 SHIFT_AT = NOW - timedelta(hours=20)
@@ -422,22 +421,6 @@ def test_metrics_expose_drift_gauges(server):
 
 CHARTS = ["chart-ttft", "chart-itl", "chart-e2e", "chart-requests-per-min", "chart-tokens-per-s",
           "chart-error-rate", "chart-safety", "chart-feedback", "chart-rating"]
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs a chromium binary on PATH "
-                                    "(Debian's /usr/bin/chromium) for Playwright")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import expect, sync_playwright
-
-    expect.set_options(timeout=TIMEOUT_MS)
-    try:
-        with sync_playwright() as p:
-            b = p.chromium.launch(executable_path=CHROMIUM)
-            yield b
-            b.close()
-    finally:
-        expect.set_options(timeout=5_000)  # Playwright's default
 
 
 @pytest.fixture
@@ -488,7 +471,6 @@ def _save_screenshot(page, tmp_path: Path, name: str) -> Path:
     return path
 
 
-@needs_chromium
 def test_page_renders_the_api_numbers_and_the_drift(server, page, tmp_path):
     from playwright.sync_api import expect
 
@@ -552,7 +534,6 @@ def test_page_renders_the_api_numbers_and_the_drift(server, page, tmp_path):
     _save_screenshot(page, tmp_path, "dashboard_7d.png")
 
 
-@needs_chromium
 def test_page_shows_no_data_for_an_empty_range(server, page, tmp_path):
     from playwright.sync_api import expect
 
