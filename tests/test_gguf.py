@@ -409,7 +409,7 @@ def test_writer_refuses_unknown_pre_tokenizer(our_tok_path, tmp_path):
     with pytest.raises(ValueError, match="no llama.cpp pre-tokenizer matches"):
         write_gguf(tiny_model(tok.get_vocab_size()), tok, tmp_path / "m.gguf")
     with pytest.raises(ValueError, match="dtype"):
-        write_gguf(tiny_model(tok.get_vocab_size()), tok, tmp_path / "m.gguf", dtype="q4_0")
+        write_gguf(tiny_model(tok.get_vocab_size()), tok, tmp_path / "m.gguf", dtype="q5_0")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -215,7 +215,6 @@ REFUSED = [
                "layer_types": "DROP"}, "use_sliding_window=true with sliding_window=16"),
     ("qwen2", {"use_sliding_window": True, "sliding_window": 16,
                "layer_types": ["full_attention", "sliding_attention"]}, "sliding_window=16"),
-    *[(family, {"head_dim": 32}, "head_dim=32") for family in FAMILY_CASE],
     *[(family, {"hidden_act": "gelu"}, "hidden_act") for family in FAMILY_CASE],
     *[(family, {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
                                     "original_max_position_embeddings": 16}}, "rope_type='yarn'")

@@ -166,7 +166,6 @@ def test_missing_shard_raises(tmp_path):
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"attention_bias": True}, "attention_bias"),
         ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5}}, "RoPE scaling"),
-        ({"head_dim": 32}, "head_dim"),
         ({"num_key_value_heads": 3}, "n_kv_heads"),
     ],
 )

@@ -2,7 +2,7 @@
 
 `read_gguf` turns a llama GGUF file into our config, weights (fp32, our tensor names) and a
 `tokenizers.Tokenizer`; `load_gguf_model` also builds the Transformer. `write_gguf` goes the
-other way, in F16 or Q8_0, so llama.cpp (and anything built on it) can run an llmforge model.
+other way, in F16, Q8_0 or Q4_0, so llama.cpp (and anything built on it) can run an llmforge model.
 
 Everything the reader rejects fails with a ValueError naming the key, tensor or type at fault,
 before any model is built. The `gguf` package (llama.cpp's gguf-py) does the file format and
@@ -327,6 +327,7 @@ def _config_from_meta(meta: dict[str, Any], n_vocab: int, has_output: bool) -> M
                          f"(llama.expert_count={meta['llama.expert_count']})")
     dim = int(_llama_key(meta, "embedding_length", required=True))
     n_heads = int(_llama_key(meta, "attention.head_count", required=True))
+    head_dim = int(_llama_key(meta, "attention.key_length", 0))  # else dim / heads
     cfg = ModelConfig(
         vocab_size=n_vocab,
         dim=dim,
@@ -338,14 +339,15 @@ def _config_from_meta(meta: dict[str, Any], n_vocab: int, has_output: bool) -> M
         rope_theta=float(_llama_key(meta, "rope.freq_base", 10000.0)),
         norm_eps=float(_llama_key(meta, "attention.layer_norm_rms_epsilon", required=True)),
         tie_embeddings=not has_output,
+        head_dim_override=0 if head_dim * n_heads == dim else head_dim,
     )
-    if dim % n_heads:
+    if dim % n_heads and not cfg.head_dim_override:
         raise ValueError(f"GGUF embedding_length={dim} is not divisible by head_count={n_heads}")
-    for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
+    for key in ("rope.dimension_count", "attention.value_length"):
         value = _llama_key(meta, key)
         if value is not None and int(value) != cfg.head_dim:
             raise ValueError(f"unsupported GGUF llama.{key}={value} (must equal "
-                             f"embedding_length/head_count={cfg.head_dim})")
+                             f"the head width {cfg.head_dim})")
     vocab_size = _llama_key(meta, "vocab_size")
     if vocab_size is not None and int(vocab_size) != n_vocab:
         raise ValueError(f"GGUF llama.vocab_size={vocab_size} but the token list has {n_vocab}")
@@ -643,12 +645,16 @@ def write_gguf(
 ) -> Path:
     """Write a llama-architecture GGUF that llama.cpp runs and `read_gguf` reads back.
 
-    Matrices are F16 or Q8_0 (a matrix whose rows do not split into 32-value blocks stays F16),
-    norms F32; wq/wk are permuted to llama.cpp's RoPE layout. The tokenizer must be byte-level
-    BPE with a pre-tokenizer llama.cpp knows (GPT-2, SmolLM, Llama 3, Qwen2) or llmforge's own:
-    llama.cpp has no exact match for ours, so it is written as 'llama-bpe' (which differs only
-    in splitting around '_') plus our exact expression under `llmforge.tokenizer.split_regex`,
-    with a warning. Written to a temporary file first, so a failure leaves no partial file.
+    Matrices are F16, Q8_0 or Q4_0 (a matrix whose rows do not split into 32-value blocks stays
+    F16), norms F32. In Q4_0 the output matrix (the token embedding, when tied) is Q8_0:
+    llama.cpp's own quantizer keeps it at 6 bits (Q6_K, or Q8_0 where rows do not split into
+    256-value blocks) because its quality matters most, and gguf-py cannot write Q6_K; an
+    untied token embedding is Q4_0, as there. wq/wk are permuted to llama.cpp's RoPE layout.
+    The tokenizer must be byte-level BPE with a pre-tokenizer llama.cpp knows (GPT-2, SmolLM,
+    Llama 3, Qwen2) or llmforge's own: llama.cpp has no exact match for ours, so it is written
+    as 'llama-bpe' (which differs only in splitting around '_') plus our exact expression under
+    `llmforge.tokenizer.split_regex`, with a warning. Written to a temporary file first, so a
+    failure leaves no partial file.
     """
     gguf = _gguf()
     cfg = model.cfg
@@ -657,9 +663,10 @@ def write_gguf(
     if unsupported:
         raise ValueError(f"cannot write a llama GGUF for a model with {', '.join(unsupported)}: "
                          f"the llama architecture has no such tensors")
-    qtypes = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
+    kinds = gguf.GGMLQuantizationType
+    qtypes = {"f16": kinds.F16, "q8_0": kinds.Q8_0, "q4_0": kinds.Q4_0}
     if dtype not in qtypes:
-        raise ValueError(f"GGUF dtype must be 'f16' or 'q8_0', got {dtype!r}")
+        raise ValueError(f"GGUF dtype must be 'f16', 'q8_0' or 'q4_0', got {dtype!r}")
     for key, value in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id)):
         _check_id(key, value, cfg.vocab_size)
     tok = _tokenizer_meta(tokenizer, cfg.vocab_size)
@@ -678,14 +685,17 @@ def write_gguf(
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_rope_dimension_count(cfg.head_dim)
+    if cfg.head_dim_override:  # heads narrower or wider than embedding_length / head_count
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
     w.add_vocab_size(cfg.vocab_size)
     if cfg.rope_scaling == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(cfg.rope_factor)
     elif cfg.rope_scaling == "llama3":
         w.add_rope_scaling_orig_ctx_len(cfg.rope_original_max_len)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16"
-                    else gguf.LlamaFileType.MOSTLY_Q8_0)
+    w.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                     "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[dtype])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     w.add_tokenizer_model("gpt2")
@@ -710,6 +720,7 @@ def write_gguf(
     names = _gguf_names(cfg)
     order = ["tok_emb.weight"] + [k for k in names if k.startswith("layers.")]
     order += [k for k in ("norm.weight", "lm_head.weight") if k in names]
+    output = "tok_emb.weight" if cfg.tie_embeddings else "lm_head.weight"
     try:
         if cfg.rope_scaling == "llama3":
             w.add_tensor(_ROPE_FREQS, _llama3_factors(cfg))
@@ -725,8 +736,8 @@ def write_gguf(
                 continue
             if not np.isfinite(arr).all():
                 raise ValueError(f"tensor {ours} has non-finite values")
-            if dtype == "q8_0" and arr.shape[-1] % 32 == 0:
-                qtype = qtypes["q8_0"]
+            if dtype != "f16" and arr.shape[-1] % 32 == 0:
+                qtype = qtypes["q8_0" if ours == output else dtype]
                 w.add_tensor(names[ours], gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
                 continue
             half = arr.astype(np.float16)

@@ -41,10 +41,13 @@ class ModelConfig:
     n_experts: int = 0
     moe_top_k: int = 2
     moe_aux_coef: float = 0.01
+    # Width of each attention head; 0 = dim / n_heads. Set where heads were removed (pruning)
+    # or the source model says so (HF head_dim, GGUF attention.key_length).
+    head_dim_override: int = 0
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.head_dim_override or self.dim // self.n_heads
 
     @property
     def hidden(self) -> int:
@@ -70,7 +73,10 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.ffn_hidden must be >= 0 (0 = auto), got {self.ffn_hidden}"
             )
-        if self.dim % self.n_heads:
+        if self.head_dim_override < 0:
+            raise ValueError(f"ModelConfig.head_dim_override must be >= 0 (0 = dim/n_heads), "
+                             f"got {self.head_dim_override}")
+        if self.dim % self.n_heads and not self.head_dim_override:
             raise ValueError(
                 f"ModelConfig.dim={self.dim} must be divisible by n_heads={self.n_heads}"
             )
@@ -93,7 +99,8 @@ class ModelConfig:
                              f"moe_top_k={self.moe_top_k}")
         if self.head_dim % 2:
             raise ValueError(
-                f"ModelConfig.dim/n_heads={self.head_dim} must be even for rotary embeddings"
+                f"ModelConfig.dim/n_heads (or head_dim_override)={self.head_dim} must be even for "
+                f"rotary embeddings"
             )
 
     def to_dict(self) -> dict[str, Any]:

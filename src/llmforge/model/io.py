@@ -3,6 +3,15 @@
 Hugging Face checkpoints of model_type llama (SmolLM2 too), mistral and qwen2 load; export writes
 Llama, or Qwen2 for a model with q/k/v biases. The layouts hold the same tensors under different
 names; `_name_pairs` is the single mapping used in both directions.
+
+A model with Int8Linear / Int4Linear layers (model/quant.py) is saved as their codes and scales
+(the modules' state dicts: int8 codes and a scale per row; int4 codes two a byte in plain order
+and a bf16 scale and zero per group), with the method in config.json: "quantization" in ours,
+`quantization_config` with quant_method "llmforge" in the HF layout (which transformers does not
+read). Its embedding (and untied output) is stored in bf16 and loads back as fp32: a third
+less on disk for SmolLM2-135M in int4, for +0.1% in loss there (logits 1% apart), less than
+what int8 blocks cost it. `load_model` rebuilds the quantized layers and loads the stored
+codes into them unchanged.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from llmforge.model.config import ModelConfig
+from llmforge.model.quant import Int4Linear, Int8Linear, apply_quantization, quantization_of
 from llmforge.model.transformer import Transformer
 
 NATIVE_FORMAT = "llmforge"
@@ -50,6 +60,8 @@ _TOP_NAMES = {
     "norm.weight": "model.norm.weight",
     "lm_head.weight": "lm_head.weight",
 }
+# quantization_config's quant_method for our quantized layers.
+HF_QUANT_METHOD = "llmforge"
 # Defaults of the transformers config classes for keys a config.json may leave out.
 _MAX_POSITIONS_DEFAULT = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768}
 
@@ -63,6 +75,17 @@ def _name_pairs(cfg: ModelConfig) -> list[tuple[str, str]]:
     for i in range(cfg.n_layers):
         pairs += [(f"layers.{i}.{a}", f"model.layers.{i}.{b}") for a, b in layer_names.items()]
     return pairs
+
+
+def _hf_names(cfg: ModelConfig, names) -> dict[str, str]:
+    """Our name -> HF name for each of `names`; a quantized layer's codes and scales sit under
+    its HF module name, as its weight would."""
+    modules = {ours.rpartition(".")[0]: hf.rpartition(".")[0] for ours, hf in _name_pairs(cfg)}
+    hf_names = {}
+    for name in names:
+        module, _, tensor = name.rpartition(".")
+        hf_names[name] = f"{modules[module]}.{tensor}"
+    return hf_names
 
 
 def resolve_model_path(spec: str | Path) -> Path:
@@ -87,6 +110,25 @@ def resolve_model_path(spec: str | Path) -> Path:
 
 def _cpu_state(state: dict[str, Tensor], dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}
+
+
+def _stored_state(model: Transformer, state: dict[str, Tensor] | None,
+                  dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """What a save writes: floats in `dtype` (default: as they are); in a quantized model the
+    quantized layers' tensors as they are and the embedding and output in bf16."""
+    state = state or model.state_dict()
+    if quantization_of(model) is None:
+        return _cpu_state(state, dtype)
+    quantized = {name for name, m in model.named_modules()
+                 if isinstance(m, Int4Linear | Int8Linear)}
+    stored = {}
+    for name, v in state.items():
+        if name in ("tok_emb.weight", "lm_head.weight"):
+            to = torch.bfloat16
+        else:
+            to = v.dtype if dtype is None or name.rpartition(".")[0] in quantized else dtype
+        stored[name] = v.detach().to("cpu", to).contiguous()
+    return stored
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -117,8 +159,11 @@ def save_model(model: Transformer, out_dir: Path,
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_weights(_cpu_state(state or model.state_dict()), out_dir)
-    _write_json(out_dir / "config.json", {**model.cfg.to_dict(), "format": NATIVE_FORMAT})
+    _write_weights(_stored_state(model, state), out_dir)
+    quantization = quantization_of(model)
+    _write_json(out_dir / "config.json", {**model.cfg.to_dict(), "format": NATIVE_FORMAT,
+                                          **({"quantization": quantization} if quantization
+                                             else {})})
 
 
 def export_hf(
@@ -143,9 +188,14 @@ def export_hf(
                          f"{', '.join(unsupported)}; keep the native model directory")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = _cpu_state(state or model.state_dict(), dtype)
-    _write_weights({hf: state[ours] for ours, hf in _name_pairs(model.cfg)}, out_dir)
-    _write_json(out_dir / "config.json", _hf_config(model.cfg, dtype, bos_token_id, eos_token_id))
+    state = _stored_state(model, state, dtype)
+    names = _hf_names(model.cfg, state)
+    _write_weights({names[ours]: t for ours, t in state.items()}, out_dir)
+    config = _hf_config(model.cfg, dtype, bos_token_id, eos_token_id)
+    quantization = quantization_of(model)
+    if quantization:
+        config["quantization_config"] = {"quant_method": HF_QUANT_METHOD, **quantization}
+    _write_json(out_dir / "config.json", config)
 
 
 def _hf_config(
@@ -186,6 +236,7 @@ def _hf_config(
             "sliding_window": None,
             "max_window_layers": cfg.n_layers,
             "layer_types": ["full_attention"] * cfg.n_layers,
+            **({"head_dim": cfg.head_dim} if cfg.head_dim_override else {}),
         }
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -288,10 +339,10 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     family = hf.get("model_type")
     if family not in HF_FAMILIES:
         raise ValueError(f"unsupported model_type {family!r} ({', '.join(HF_FAMILIES)} only)")
-    if hf.get("quantization_config"):
-        method = hf["quantization_config"].get("quant_method", "?")
+    method = (hf.get("quantization_config") or {}).get("quant_method", HF_QUANT_METHOD)
+    if method != HF_QUANT_METHOD:
         raise ValueError(f"unsupported quantization_config (quant_method={method!r}): "
-                         f"unquantized checkpoints only")
+                         f"unquantized or llmforge-quantized checkpoints only")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r} (only 'silu')")
     if family == "llama":
@@ -303,6 +354,7 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     n_heads = _required(hf, "num_attention_heads")
     max_positions = hf.get("max_position_embeddings") or _MAX_POSITIONS_DEFAULT[family]
     _sliding_window_check(hf, family, max_positions)
+    head_dim = hf.get("head_dim") or 0  # a width other than hidden_size / heads (pruned heads)
     cfg = ModelConfig(
         vocab_size=_required(hf, "vocab_size"),
         dim=_required(hf, "hidden_size"),
@@ -315,15 +367,10 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=float(hf.get("initializer_range", 0.02)),
         attn_bias=family == "qwen2",
+        head_dim_override=0 if head_dim * n_heads == hf["hidden_size"] else head_dim,
         **_rope_from_hf(hf, max_positions),
     )
     cfg.validate()
-    head_dim = hf.get("head_dim") or cfg.head_dim
-    if head_dim != cfg.head_dim:
-        raise ValueError(
-            f"unsupported head_dim={head_dim} (must equal hidden_size/num_attention_heads="
-            f"{cfg.head_dim})"
-        )
     return cfg
 
 
@@ -389,6 +436,9 @@ def _check_state(state: dict[str, Tensor], expected: dict[str, Tensor], where: P
                 f"{where}: shape mismatch for {name}: weights {tuple(state[name].shape)} "
                 f"vs config {tuple(ref.shape)}"
             )
+        if not ref.is_floating_point() and state[name].dtype != ref.dtype:
+            raise ValueError(f"{where}: {name} holds {state[name].dtype}, not the quantized "
+                             f"codes' {ref.dtype}")
 
 
 def load_model(
@@ -401,7 +451,9 @@ def load_model(
     sharded safetensors); `path` may also be `hf://owner/name[@revision]`.
 
     Nothing is returned unless every tensor the config implies is present with its shape and
-    no other tensor is.
+    no other tensor is. A quantized directory (see the module docstring) comes back with its
+    Int8Linear / Int4Linear layers holding the stored codes; `dtype` is then that of the
+    remaining float weights.
     """
     path = resolve_model_path(path)
     config_path = path / "config.json"
@@ -410,22 +462,31 @@ def load_model(
     raw = _read_json(config_path)
     native = raw.get("format") == NATIVE_FORMAT
     if native:
-        cfg = ModelConfig.from_dict({k: v for k, v in raw.items() if k != "format"})
+        quantization = raw.get("quantization")
+        cfg = ModelConfig.from_dict({k: v for k, v in raw.items()
+                                     if k not in ("format", "quantization")})
     elif "model_type" in raw:
         try:
             cfg = _config_from_hf(raw)
         except ValueError as e:
             raise ValueError(f"{config_path}: {e}") from None
+        quantization = raw.get("quantization_config")
     else:
         raise ValueError(f"{config_path} is neither an llmforge nor a Hugging Face "
                          f"({', '.join(HF_FAMILIES)}) config")
     tensors = _read_tensors(path)
     with torch.device(device):
         model = Transformer(cfg)
-    file_name = dict(_name_pairs(cfg)) if not native else {k: k for k in model.state_dict()}
     model.to(dtype)
+    if quantization:
+        try:
+            apply_quantization(model, quantization)
+        except ValueError as e:
+            raise ValueError(f"{config_path}: {e}") from None
+    state = model.state_dict()
+    file_name = {k: k for k in state} if native else _hf_names(cfg, state)
     # Check in the checkpoint's own names so errors point at what is actually in the files.
-    expected = {file_name[k]: v for k, v in model.state_dict().items()}
+    expected = {file_name[k]: v for k, v in state.items()}
     _check_state(tensors, expected, path)
     model.load_state_dict({ours: tensors[name] for ours, name in file_name.items()})
     return model

@@ -1,0 +1,1 @@
+"""Smaller or faster models from any base: quantization, distillation, pruning."""
