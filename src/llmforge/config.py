@@ -18,6 +18,8 @@ from llmforge.align.dpo import DPOConfig
 from llmforge.align.grpo import GRPOConfig
 from llmforge.align.reward import RewardConfig
 from llmforge.align.sft import SFTConfig
+from llmforge.compress.distill import DistillConfig
+from llmforge.compress.prune import PruneConfig
 from llmforge.data.config import DataConfig
 from llmforge.eval.evaluate import EvalConfig
 from llmforge.model import presets
@@ -61,8 +63,10 @@ class Recipe:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
 
     @property
     def root(self) -> Path:

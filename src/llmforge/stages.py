@@ -7,9 +7,11 @@ align/, eval/ and report/.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +27,7 @@ from llmforge.align.reward import (
     reward_objective,
     save_reward_model,
 )
+from llmforge.compress import distill, prune
 from llmforge.data import curate
 from llmforge.data.datacard import write_datacard
 from llmforge.data.sources import source_files
@@ -253,6 +256,148 @@ def run_grpo(ctx: StageContext) -> dict:
             "train_tasks": len(batches.tasks), "set_aside": skipped}
 
 
+def run_distill(ctx: StageContext) -> dict:
+    recipe, cfg = ctx.recipe, ctx.recipe.distill
+    torch.manual_seed(recipe.seed)
+    spec = distill.teacher_spec(cfg, ctx.upstream.get("sft"))
+    teacher, student, built = distill.open_models(cfg, spec, pick_device(recipe.device),
+                                                  seed=recipe.seed)
+    train_rows, val_rows, skipped = distill.load_rows(
+        cfg, teacher, _documents(ctx) if "data" in ctx.upstream else None)
+    val_rows = val_rows[: cfg.train.eval_batches * cfg.train.batch_size]
+    copied = built["copied_layers"]
+    ctx.log.info(f"distilling {spec} ({built['teacher_params']:,} parameters, "
+                 f"{built['teacher_layers']} blocks) into a {built['student_params']:,}-parameter "
+                 f"student ({built['student_layers']} blocks, "
+                 f"{f'teacher blocks {copied}' if copied else built['student_init'] + ' init'}); "
+                 f"{len(train_rows):,} train / {len(val_rows):,} held-out rows; set aside: "
+                 f"{dict(skipped) or 'none'}")
+    if not train_rows or not val_rows:
+        raise ValueError(f"distill: {len(train_rows)} train and {len(val_rows)} held-out rows; "
+                         f"need both (check distill.data, max_rows and val_fraction)")
+    pad, model = _pad_id(teacher), student.model
+    dist = distributed.info()
+    batches = sft.ExampleBatches(train_rows, cfg.train.batch_size, pad, recipe.seed,
+                                 rank=dist.rank, world_size=dist.world_size)
+
+    def held_out() -> dict:
+        return distill.held_out(model, teacher.model, val_rows, pad, cfg)
+
+    before = held_out()
+    measured = _Measured(held_out)
+    summary = loop.train(model, cfg.train, batches, ctx,
+                         objective=distill.distill_objective(teacher.model, cfg),
+                         evaluate=lambda: measured()["loss"],
+                         benchmark=lambda: {f"val_{k}": measured.last[k]
+                                            for k in ("kl", "ce", "top1_agreement")})
+    after = measured.final()
+    ctx.log.info(f"held-out student: KL to the teacher {before['kl']:.4f} -> {after['kl']:.4f}, "
+                 f"CE {before['ce']:.4f} -> {after['ce']:.4f} (teacher {after['teacher_ce']:.4f}),"
+                 f" top-1 agreement {before['top1_agreement']:.3f} -> "
+                 f"{after['top1_agreement']:.3f}")
+    state = full_state_dict(model)  # collective: every rank takes part
+    if ctx.is_main:
+        save_chat_model(student, ctx.dir / "model", state=state)
+    return {**summary, **built, "held_out_before": before, "held_out_after": after,
+            "teacher_held_out_ce": after["teacher_ce"], "train_rows": len(train_rows),
+            "held_out_rows": len(val_rows), "set_aside": dict(skipped)}
+
+
+def _distill_needs(r) -> tuple[str, ...]:
+    return (() if r.distill.teacher else ("sft",)) + (() if r.distill.data else ("data",))
+
+
+def _distill_settings(r):
+    cfg = r.distill
+    models = [f for spec in (cfg.teacher, cfg.student.base)
+              for f in _base_files(finetune.FinetuneConfig(base=spec))]
+    inputs = source_files(cfg.data) if cfg.data else []
+    return {"distill": cfg, "seed": r.seed, "device": r.device,
+            "inputs": files_digest(inputs + models)}
+
+
+def run_prune(ctx: StageContext) -> dict:
+    recipe, cfg = ctx.recipe, ctx.recipe.prune
+    rc = cfg.recovery
+    torch.manual_seed(recipe.seed)
+    if not cfg.data:
+        raise ValueError("prune: set prune.data to a text file (recovery trains on its head, "
+                         "held-out loss is measured on its tail)")
+    dist = distributed.info()
+    if cfg.method == "magnitude" and rc.parallel == "fsdp" and dist.world_size > 1:
+        raise ValueError("prune: magnitude masks hold under prune.recovery.parallel=ddp only "
+                         "(FSDP2 replaces the parameters they are attached to)")
+    spec = finetune.base_spec(cfg, ctx.upstream.get("sft"))
+    chat = open_chat_model(spec, device=pick_device(recipe.device))
+    if rc.seq_len > chat.model.cfg.max_seq_len:
+        raise ValueError(f"prune.recovery.seq_len={rc.seq_len} exceeds the model's "
+                         f"max_seq_len={chat.model.cfg.max_seq_len}")
+    train_tokens, val_tokens = prune.split_tokens(prune.read_tokens(cfg.data, chat.tokenizer),
+                                                  cfg.val_fraction, rc.seq_len)
+    calibration_tokens = prune.read_tokens(cfg.calibration, chat.tokenizer) \
+        if cfg.calibration else train_tokens
+    calibration = prune.calibration_batches(calibration_tokens, rc.seq_len,
+                                            cfg.calibration_rows, rc.batch_size, recipe.seed)
+    val_windows = count_windows(len(val_tokens), rc.seq_len, rc.eval_batches * rc.batch_size)
+
+    def held_out() -> float:
+        windows = sequential_windows(val_tokens, rc.seq_len, rc.batch_size, val_windows)
+        total, count = evaluate.summed_loss(chat.model, windows, rc.dtype)
+        return total / count
+
+    before, shape_before, params_before = held_out(), _shape(chat.model), chat.model.num_params()
+    pruned = prune.prune(chat.model, cfg, calibration, rc.dtype)
+    chat.model, masks = pruned.model, pruned.masks
+    after_pruning, params_after = held_out(), chat.model.num_params()
+    ctx.log.info(f"{cfg.method} pruning of {spec}: {params_before:,} -> {params_after:,} "
+                 f"parameters; held-out loss {before:.4f} -> {after_pruning:.4f}")
+
+    def val_loss() -> float:
+        if masks is not None:
+            masks.apply()
+        return held_out()
+
+    recovery, recovered = {}, after_pruning
+    if rc.max_steps:
+        batches = RandomWindows(train_tokens, rc.seq_len, rc.batch_size, recipe.seed,
+                                rank=dist.rank, world_size=dist.world_size)
+        measured = _Measured(val_loss)
+        with masks.held() if masks is not None else contextlib.nullcontext():
+            recovery = loop.train(chat.model, rc, batches, ctx, evaluate=measured,
+                                  objective=masks.objective() if masks else loop.lm_objective)
+        recovered = measured.final()
+        ctx.log.info(f"recovery: held-out loss {after_pruning:.4f} -> {recovered:.4f} "
+                     f"(before pruning {before:.4f})")
+    state = full_state_dict(chat.model)  # collective: every rank takes part
+    if ctx.is_main:
+        save_chat_model(chat, ctx.dir / "model", state=state)
+    report = dict(pruned.report)
+    if masks is not None:  # counted again after recovery: the zeros held
+        report["zero_weights"], _ = masks.zeros()
+        report["on_disk"] = ("dense layout: the zeros are stored, so the model directory is as "
+                             "large as an unpruned one")
+    return {"base": spec, "method": cfg.method, "params_before": params_before,
+            "params_after": params_after, "shape_before": shape_before,
+            "shape_after": _shape(chat.model), **report,
+            "held_out": {name: {"loss": round(loss, 5), "perplexity": round(math.exp(loss), 3)}
+                         for name, loss in (("before", before), ("pruned", after_pruning),
+                                            ("recovered", recovered))},
+            "held_out_tokens": val_windows * rc.seq_len, "train_tokens": len(train_tokens),
+            "calibration_rows": cfg.calibration_rows, "recovery": recovery}
+
+
+def _shape(model: Transformer) -> dict:
+    c = model.cfg
+    return {"n_layers": c.n_layers, "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads,
+            "head_dim": c.head_dim, "hidden": c.hidden}
+
+
+def _prune_settings(r):
+    inputs = [Path(p) for p in (r.prune.data, r.prune.calibration) if p]
+    return {"prune": r.prune, "seed": r.seed, "device": r.device,
+            "inputs": files_digest([p for p in inputs if p.is_file()] + _base_files(r.prune))}
+
+
 class _Measured:
     """A held-out measurement the loop takes at each evaluation, remembered: the loop always
     evaluates after its last step, so the stage's final numbers are that one, not a second
@@ -428,6 +573,16 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("grpo", "sft/model (or grpo.base) + verifiable tasks (grpo.data) -> grpo/model/ (GRPO "
           "with G samples per prompt from the engine)",
           lambda r: () if r.grpo.base else ("sft",), _grpo_settings, run_grpo,
+          distributed=True),
+    Stage("distill", "distill.teacher (or sft/model) + text (distill.data, by default the "
+          "documents) -> distill/model/ (a smaller student, by default half the teacher's "
+          "blocks, trained on the teacher's softened logits and the data; held-out KL and CE "
+          "before and after)",
+          _distill_needs, _distill_settings, run_distill, distributed=True),
+    Stage("prune", "prune.base (or sft/model) -> prune/model/ (magnitude sparsity, or whole "
+          "heads, MLP channels or blocks removed by calibration importance; a short recovery "
+          "fine-tune; held-out perplexity before, after pruning, after recovery)",
+          lambda r: () if r.prune.base else ("sft",), _prune_settings, run_prune,
           distributed=True),
     Stage("eval", "pretrain/model, sft/model + val shard -> eval/eval.json (val loss, bits "
           "per byte, greedy samples)",
