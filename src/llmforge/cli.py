@@ -121,7 +121,36 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", choices=("none", "int4"), default="none",
                    help="int4: the blocks' weights as 4-bit groups of 32 (CPU; a Q4_1 GGUF "
                    "keeps its own codes), about 1.2-1.4x faster single-stream decoding")
+    p.add_argument("--draft-model", metavar="SPEC",
+                   help="speculative decoding: a model with the same tokenizer (the same "
+                   "sources as MODEL; smaller or quantized) proposes tokens that MODEL checks "
+                   "several at a time; the output is MODEL's alone")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
+                   help="with --draft-model: tokens the draft proposes per step")
+    p.add_argument("--draft-quantization", choices=("none", "int4"), default="none",
+                   help="with --draft-model: int4 as for --quantization (the same model as "
+                   "MODEL in int4 makes a draft that agrees often)")
     p.set_defaults(handler=_serve)
+    p = sub.add_parser("compress", help="a smaller or faster model: quantize, distill, prune",
+                       description="Each method writes a model directory that eval, chat and "
+                       "serve take as they are.")
+    compress = p.add_subparsers(dest="compress_command", metavar="METHOD", required=True)
+    p = compress.add_parser("quantize", help="weight-only int8 / int4, or a GGUF Q8_0 / Q4_0 file",
+                            description="int8: one scale per output channel; int4: groups of "
+                            "--group-size weights with a scale and offset each; both a model "
+                            "directory serve and eval load. q8_0 / q4_0: a GGUF file for "
+                            "llama.cpp (and `gguf:FILE` here).")
+    p.add_argument("model", help="a model directory, hf://owner/name or gguf:PATH")
+    p.add_argument("--method", required=True, choices=("int8", "int4", "q8_0", "q4_0"))
+    p.add_argument("--group-size", type=int, default=32, help="int4: weights per group")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output model directory (a .gguf file for q8_0 / q4_0)")
+    p.set_defaults(handler=_compress_quantize)
+    for method in ("distill", "prune"):
+        p = compress.add_parser(method, help=STAGES[method].help, description=(
+            f"Run the {method} stage of a recipe: {STAGES[method].help}."))
+        _add_recipe_args(p)
+        p.set_defaults(handler=lambda a, m=method: _run_stages(a, [m]))
     p = sub.add_parser("monitor", help="what a served model's request store holds",
                        description="Work on the request store `llmforge serve --store` writes.")
     monitor = p.add_subparsers(dest="monitor_command", metavar="SUBCOMMAND", required=True)
@@ -289,9 +318,19 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         serve(args.model, host=args.host, port=args.port, settings=settings,
               max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-              max_waiting=args.max_waiting, quantization=args.quantization)
+              max_waiting=args.max_waiting, quantization=args.quantization,
+              draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens,
+              draft_quantization=args.draft_quantization)
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
         return 130
+    return 0
+
+
+def _compress_quantize(args: argparse.Namespace) -> int:
+    from llmforge.compress.quantize import quantize_model
+
+    out = quantize_model(args.model, args.out, method=args.method, group_size=args.group_size)
+    print(f"wrote {out}")
     return 0
 
 

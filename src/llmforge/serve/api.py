@@ -116,7 +116,8 @@ class _Server:
         self.max_prompt = settings.max_prompt_tokens or engine.max_model_len - 1
         store = settings.store
         self.metrics = Metrics(lambda: engine.num_running, lambda: engine.num_waiting,
-                               store.failure_counts if store else dict)
+                               store.failure_counts if store else dict,
+                               lambda: engine.spec_stats)
         self.created = int(time.time())
         decode = chat.tokenizer.decode
         self.token_text = lru_cache(maxsize=1 << 16)(

@@ -4,13 +4,27 @@ One background thread runs steps. A step
 1. drops cancelled sequences and admits waiting requests while slots are free;
 2. prefills admitted prompts together, at most `max_prefill_tokens` prompt tokens per step, so a
    long prompt is cut into chunks and never stalls the decoding batch for long;
-3. decodes one token for every running sequence in one batched forward pass.
+3. decodes one token for every running sequence in one batched forward pass, or, with a draft
+   model, lets the draft propose up to K tokens per sequence and verifies them all in one
+   target pass (speculative decoding, below).
 
 Requests join and leave the batch at every step. Decoding sequences live in cache slots
 [0, D), so a decode step reads a view of the cache; a finished sequence's hole is filled by
 moving the last one in. A prompt that starts with tokens some running or recently finished
 sequence already holds copies their keys and values instead of recomputing them (prefix reuse;
 n > 1 choices fork from one prefill the same way).
+
+Speculative decoding. The draft keeps its own cache, slot for slot the target's: every prefill
+chunk, copy and move happens in both, so one `n_cached` counts the tokens held in both. A step
+feeds the draft each sequence's tokens not yet cached and then its own proposals until it has
+K; the target reads the uncached tokens and all K proposals in one pass over the batch. The
+accepted drafts and the target's next token are appended (cut at the first that ends the
+sequence) and `n_cached` moves to what both caches hold of them: what lies past it is masked
+out and overwritten later. When all K stand, the draft never saw the last, so the next step
+feeds it to both again: the target recomputes one position rather than the engine keeping two
+lengths. Fewer drafts are proposed near max_tokens or the context's end; requests with
+repetition, presence or frequency penalties (whose logits depend on each new token) get none
+and are sampled as without a draft.
 """
 
 from __future__ import annotations
@@ -32,6 +46,7 @@ from llmforge.model.transformer import Transformer
 from llmforge.serve.kv_slots import SlotCache
 from llmforge.serve.outputs import Choice, Delta, QueueFull, RequestOutput, TokenLogprob
 from llmforge.serve.sampling import SamplingParams, sample, token_logprobs
+from llmforge.serve.speculative import Noise, SpecStats, accept, draw_noise, sampling_probs
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +118,19 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, stop_ids: Sequence[int] = (),
                  max_num_seqs: int = 32, max_model_len: int | None = None,
                  max_prefill_tokens: int = 512, prefix_cache_slots: int = 8,
-                 max_waiting: int = 256) -> None:
+                 max_waiting: int = 256, draft: Transformer | None = None,
+                 num_speculative_tokens: int = 4) -> None:
+        """`draft`: a model with the target's vocabulary (smaller, quantized...) that proposes
+        `num_speculative_tokens` tokens per sequence and step for the target to verify; the
+        output is the target's alone either way. `spec_stats` counts its proposals."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.stop_ids = frozenset(stop_ids)
         cfg = model.cfg
         for name, value in (("max_num_seqs", max_num_seqs), ("max_model_len", max_model_len),
                             ("max_prefill_tokens", max_prefill_tokens),
-                            ("max_waiting", max_waiting)):
+                            ("max_waiting", max_waiting),
+                            ("num_speculative_tokens", num_speculative_tokens)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if prefix_cache_slots < 0:
@@ -122,8 +142,14 @@ class Engine:
         self.vocab_size = cfg.vocab_size
         self.device = model.tok_emb.weight.device
         n_slots = max_num_seqs + self.max_prefill_seqs + prefix_cache_slots
-        self.cache = SlotCache(cfg.n_layers, n_slots, cfg.n_kv_heads, self.max_model_len,
-                               cfg.head_dim, device=self.device, dtype=model.tok_emb.weight.dtype)
+        if draft is not None:
+            self._check_draft(draft)
+        self.cache = _slot_cache(model, n_slots, self.max_model_len)
+        self.draft = None if draft is None else draft.eval()
+        self.draft_cache = None if draft is None else _slot_cache(draft, n_slots,
+                                                                  self.max_model_len)
+        self.num_speculative_tokens = num_speculative_tokens
+        self.spec_stats = SpecStats()
         self._free_prefill = list(range(max_num_seqs, max_num_seqs + self.max_prefill_seqs))
         # Prefix pool: slot -> the tokens whose keys/values it holds, least recently used first.
         self._pool: OrderedDict[int, list[int]] = OrderedDict(
@@ -203,6 +229,18 @@ class Engine:
         if bad is not None:
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
 
+    def _check_draft(self, draft: Transformer) -> None:
+        if draft.cfg.vocab_size != self.vocab_size:
+            raise ValueError(f"the draft model's vocabulary has {draft.cfg.vocab_size} entries, "
+                             f"the target's {self.vocab_size}: a draft must share the target's "
+                             f"tokenizer")
+        if draft.cfg.max_seq_len < self.max_model_len:
+            raise ValueError(f"the draft model's context ({draft.cfg.max_seq_len}) is shorter "
+                             f"than max_model_len={self.max_model_len}")
+        if draft.tok_emb.weight.device != self.device:
+            raise ValueError(f"the draft model is on {draft.tok_emb.weight.device}, the target "
+                             f"on {self.device}")
+
     def _wake(self) -> None:
         with self._cv:
             self._cv.notify()
@@ -234,7 +272,7 @@ class Engine:
         if self._prefilling:
             self._prefill()
         if self._decoding:
-            self._decode()
+            self._decode() if self.draft is None else self._speculate()
 
     def _drop_cancelled(self) -> None:
         with self._cv:
@@ -295,7 +333,7 @@ class Engine:
             return 0
         if best_slot in self._pool:
             self._pool.move_to_end(best_slot)
-        self.cache.copy(best_slot, slot, best)
+        self._copy(best_slot, slot, best)
         self.prefix_tokens_reused += best
         return best
 
@@ -308,20 +346,12 @@ class Engine:
                 break
             rows.append((seq, take))
             budget -= take
-        width = max(take for _, take in rows)
-        kv_len = max(seq.n_cached + take for seq, take in rows)
-        self.cache.reserve(kv_len)
-        idx = torch.zeros(len(rows), width, dtype=torch.long)
-        write = torch.full((len(rows), width), self.cache.scratch, dtype=torch.long)
-        for r, (seq, take) in enumerate(rows):
-            idx[r, :take] = torch.tensor(seq.tokens[seq.n_cached : seq.n_cached + take])
-            write[r, :take] = torch.arange(seq.n_cached, seq.n_cached + take)
-        if len(rows) == 1 and rows[0][0].n_cached == 0:
-            mask = {"is_causal": width > 1}  # nothing cached: the call unbatched decoding makes
-        else:
-            mask = {"attn_mask": (torch.arange(kv_len)[None, None] <= write[:, :, None])[:, None]}
+        chunks = [seq.tokens[seq.n_cached : seq.n_cached + take] for seq, take in rows]
+        starts = [seq.n_cached for seq, _ in rows]
         slots = torch.tensor([seq.slot for seq, _ in rows])
-        hidden = self._forward(idx, write, slots, kv_len, mask)
+        hidden = self._run(chunks, starts, slots)
+        if self.draft is not None:
+            self._run(chunks, starts, slots, draft=True)
         done = []
         for r, (seq, take) in enumerate(rows):
             start = seq.n_cached
@@ -357,59 +387,182 @@ class Engine:
         seqs = [first] + [self._new_sequence(request, i) for i in range(1, request.params.n)]
         for seq in seqs:
             seq.n_cached = first.n_cached
-            self.cache.copy(first.slot, len(self._decoding), first.n_cached)
+            self._copy(first.slot, len(self._decoding), first.n_cached)
             seq.slot = len(self._decoding)
             self._decoding.append(seq)
         self._sample_and_append(seqs, logits.expand(len(seqs), -1))
 
     def _decode(self) -> None:
         seqs = self._decoding
-        idx = torch.tensor([[s.tokens[-1]] for s in seqs])
-        positions = torch.tensor([[s.n_cached] for s in seqs])
-        kv_len = max(s.n_cached for s in seqs) + 1
-        self.cache.reserve(kv_len)
-        if all(s.n_cached == kv_len - 1 for s in seqs):
-            mask = {}  # every row sees all kv_len positions
-        else:
-            mask = {"attn_mask": (torch.arange(kv_len)[None] <= positions)[:, None, None]}
-        hidden = self._forward(idx, positions, slice(0, len(seqs)), kv_len, mask)
+        hidden = self._run([[s.tokens[-1]] for s in seqs], [s.n_cached for s in seqs],
+                           slice(0, len(seqs)))
         for s in seqs:
             s.n_cached += 1
         self._sample_and_append(list(seqs), self.model.logits(hidden[:, -1]))
 
+    def _speculate(self) -> None:
+        """A decode step with the draft: propose, verify in one target pass, keep what stands."""
+        seqs = list(self._decoding)
+        params = [s.request.params for s in seqs]
+        ks = [self._num_drafts(s) for s in seqs]
+        k = max(ks)
+        noise = None
+        if k:
+            noise = draw_noise(params, [s.generator for s in seqs], ks, self.vocab_size,
+                               self._generator, self.device)
+        drafts, q = self._propose(seqs, params, ks, noise)
+        logits = self._verify(seqs, drafts, k)
+        tokens: list[list[int]] = [[] for _ in seqs]
+        if k:
+            p = sampling_probs(logits.flatten(0, 1), [x for x in params for _ in range(k + 1)])
+            padded = torch.tensor([d + [0] * (k - len(d)) for d in drafts], device=self.device)
+            stood, last = accept(p.view_as(logits), q, padded,
+                                 torch.tensor(ks, device=self.device), noise)
+            tokens = [d[:n] + [t] for d, n, t in zip(drafts, stood.tolist(), last.tolist(),
+                                                     strict=True)]
+            self.spec_stats = self.spec_stats.plus(sum(ks), int(stood.sum()),
+                                                   sum(map(bool, ks)))
+        plain = [i for i, n in enumerate(ks) if not n]
+        if plain:  # the sampler as without a draft, penalties and all
+            picked, _, _ = sample(logits[plain, 0], [params[i] for i in plain],
+                                  [seqs[i].tokens for i in plain],
+                                  [seqs[i].n_prompt for i in plain],
+                                  [seqs[i].generator for i in plain], self._generator)
+            for i, t in zip(plain, picked.tolist(), strict=True):
+                tokens[i] = [t]
+        for seq, n, new in zip(seqs, ks, tokens, strict=True):
+            # The target holds the accepted drafts, the draft all but its last proposal.
+            seq.n_cached = len(seq.tokens) + min(len(new) - 1, max(n - 1, 0))
+        self._deliver(seqs, tokens, self._target_logprobs(seqs, logits, tokens))
+
+    def _num_drafts(self, seq: _Sequence) -> int:
+        """K, or fewer where max_tokens or the context leaves less room; none with penalties."""
+        params = seq.request.params
+        if params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
+            return 0
+        room = min(params.max_tokens - len(seq.out_ids), self.max_model_len - len(seq.tokens))
+        return min(self.num_speculative_tokens, room - 1)
+
+    def _propose(self, seqs: list[_Sequence], params: list[SamplingParams], ks: list[int],
+                 noise: Noise | None) -> tuple[list[list[int]], Tensor | None]:
+        """The draft's ks[i] tokens for each sequence and the distributions [B, K, V] they were
+        drawn from. Its first pass also feeds the tokens its cache lacks, for every sequence,
+        drafting or not, so that both caches stay level."""
+        batch = slice(0, len(seqs))
+        unseen = [s.tokens[s.n_cached :] for s in seqs]
+        hidden = self._run(unseen, [s.n_cached for s in seqs], batch, draft=True)
+        rows = torch.arange(len(seqs), device=self.device)
+        last = torch.tensor([len(p) - 1 for p in unseen], device=self.device)
+        drafts: list[list[int]] = [[] for _ in seqs]
+        dists = []
+        for j in range(max(ks)):
+            q = sampling_probs(self.draft.logits(hidden[rows, last]), params)
+            dists.append(q)
+            picked = (q / noise.draft[:, j]).argmax(-1).tolist()
+            for d, x, n in zip(drafts, picked, ks, strict=True):
+                if j < n:
+                    d.append(x)
+            if j + 1 < max(ks):  # feed the new drafts of the rows that want more
+                pieces = [d[-1:] if j + 1 < n else [] for d, n in zip(drafts, ks, strict=True)]
+                hidden = self._run(pieces, [len(s.tokens) + j for s in seqs], batch,
+                                   draft=True)
+                last = torch.zeros_like(last)
+        return drafts, torch.stack(dists, 1) if dists else None
+
+    def _verify(self, seqs: list[_Sequence], drafts: list[list[int]], k: int) -> Tensor:
+        """The target's logits [B, k+1, V] after each sequence's last token and after each of
+        its drafts, from one pass over the batch."""
+        pieces = [s.tokens[s.n_cached :] + d for s, d in zip(seqs, drafts, strict=True)]
+        hidden = self._run(pieces, [s.n_cached for s in seqs], slice(0, len(seqs)))
+        first = torch.tensor([len(s.tokens) - 1 - s.n_cached for s in seqs])
+        cols = (first[:, None] + torch.arange(k + 1)).clamp(max=hidden.size(1) - 1)
+        rows = torch.arange(len(seqs))[:, None]
+        return self.model.logits(hidden[rows.to(self.device), cols.to(self.device)])
+
+    def _target_logprobs(self, seqs: list[_Sequence], logits: Tensor,
+                         tokens: list[list[int]]) -> list[list[TokenLogprob]]:
+        """TokenLogprobs of each sequence's new tokens under the target's logits [B, k+1, V]."""
+        where = [(r, j) for r, new in enumerate(tokens) for j in range(len(new))]
+        rows, cols = (torch.tensor(x, device=self.device) for x in zip(*where, strict=True))
+        ids = [t for new in tokens for t in new]
+        chosen, tops = token_logprobs(logits[rows, cols], torch.tensor(ids, device=self.device),
+                                      [seqs[r].request.params.logprobs for r, _ in where])
+        flat = iter(zip(ids, chosen.tolist(), tops, strict=True))
+        return [[TokenLogprob(*next(flat)) for _ in new] for new in tokens]
+
+    def _run(self, pieces: list[list[int]], starts: list[int], slots: slice | Tensor, *,
+             draft: bool = False) -> Tensor:
+        """Final hidden states [B, W, D] of each row's tokens, placed from its start position in
+        its slot of the target's (or the draft's) cache; shorter rows are padded."""
+        kv_len = max(start + len(piece)
+                     for start, piece in zip(starts, pieces, strict=True) if piece)
+        self._reserve(kv_len)
+        width = max(map(len, pieces))
+        idx = torch.zeros(len(pieces), width, dtype=torch.long)
+        write = torch.full((len(pieces), width), self.cache.scratch, dtype=torch.long)
+        for r, (start, piece) in enumerate(zip(starts, pieces, strict=True)):
+            idx[r, : len(piece)] = torch.tensor(piece)
+            write[r, : len(piece)] = torch.arange(start, start + len(piece))
+        return self._forward(idx, write, slots, kv_len, _mask(write, kv_len), draft)
+
     def _forward(self, idx: Tensor, positions: Tensor, slots: slice | Tensor, kv_len: int,
-                 mask: dict) -> Tensor:
+                 mask: dict, draft: bool = False) -> Tensor:
         """Final hidden states of idx [B, T], each token at its own position in its slot."""
+        model, cache = (self.draft, self.draft_cache) if draft else (self.model, self.cache)
         dev = self.device
         positions, idx = positions.to(dev), idx.to(dev)
         mask = {k: v.to(dev) if isinstance(v, Tensor) else v for k, v in mask.items()}
         if isinstance(slots, Tensor):
             slots = slots.to(dev)
-        self.cache.select(slots, positions, kv_len)
+        cache.select(slots, positions, kv_len)
         rope = positions.clamp(max=self.max_model_len - 1)  # padding's column is past the end
-        cos = self.model.rope_cos[rope][:, None]
-        sin = self.model.rope_sin[rope][:, None]
-        hidden, _ = self.model.hidden_states(idx, cos, sin, self.cache, mask)
+        cos = model.rope_cos[rope][:, None]
+        sin = model.rope_sin[rope][:, None]
+        hidden, _ = model.hidden_states(idx, cos, sin, cache, mask)
         return hidden
+
+    def _reserve(self, length: int) -> None:
+        """Grow both caches together, so they share the scratch column."""
+        self.cache.reserve(length)
+        if self.draft_cache is not None:
+            self.draft_cache.reserve(length)
+
+    def _copy(self, src: int, dst: int, length: int) -> None:
+        self.cache.copy(src, dst, length)
+        if self.draft_cache is not None:
+            self.draft_cache.copy(src, dst, length)
 
     def _sample_and_append(self, seqs: list[_Sequence], logits: Tensor) -> None:
         params = [s.request.params for s in seqs]
         tokens, chosen, tops = sample(
             logits, params, [s.tokens for s in seqs], [s.n_prompt for s in seqs],
             [s.generator for s in seqs], self._generator)
+        self._deliver(seqs, [[t] for t in tokens.tolist()],
+                      [[TokenLogprob(t, lp, top)] for t, lp, top in
+                       zip(tokens.tolist(), chosen.tolist(), tops, strict=True)])
+
+    def _deliver(self, seqs: list[_Sequence], tokens: list[list[int]],
+                 logprobs: list[list[TokenLogprob]]) -> None:
+        """Append each sequence's new tokens up to the first that ends it, send one delta per
+        sequence, and finish those that ended."""
         now = time.monotonic()
         finished = []
-        for seq, token, lp, top in zip(seqs, tokens.tolist(), chosen.tolist(), tops, strict=True):
+        for seq, new, lps in zip(seqs, tokens, logprobs, strict=True):
             if seq.request.first_token_time is None:
                 seq.request.first_token_time = now
-            reason = self._append(seq, token, TokenLogprob(token, lp, top))
+            reason = next((r for t, lp in zip(new, lps, strict=True)
+                           if (r := self._append(seq, t, lp))), None)
+            # A sequence cut short mid-step holds no more cached tokens than it kept.
+            seq.n_cached = min(seq.n_cached, len(seq.tokens))
             if reason:
                 finished.append((seq, reason))
+            else:
+                self._send(seq, _safe_length(seq.text, seq.request.params.stop), None)
         for reason in ("stop", "length"):
             self._finish_decoding([s for s, r in finished if r == reason], reason)
 
     def _append(self, seq: _Sequence, token: int, logprob: TokenLogprob) -> str | None:
-        """Add a sampled token; send its delta unless it ends the sequence (then say why).
+        """Add a sampled token; say why, when it ends the sequence.
 
         A stop token stays in the output's ids and logprobs but adds no text (as in vLLM):
         echo-scoring clients such as lm-evaluation-harness count on one more token than the
@@ -429,7 +582,6 @@ class Engine:
             return "stop"
         if len(seq.out_ids) >= params.max_tokens or len(seq.tokens) >= self.max_model_len:
             return "length"
-        self._send(seq, _safe_length(seq.text, params.stop), None)
         return None
 
     def _send(self, seq: _Sequence, text_end: int, reason: str | None) -> None:
@@ -451,7 +603,7 @@ class Engine:
             self._remember_prefix(seq)
             last = self._decoding.pop()
             if last is not seq:
-                self.cache.copy(last.slot, seq.slot, last.n_cached)
+                self._copy(last.slot, seq.slot, last.n_cached)
                 last.slot = seq.slot
                 self._decoding[seq.slot] = last
             self._finish(seq, reason)
@@ -464,7 +616,7 @@ class Engine:
         # Replace an entry this sequence extends (the same conversation), else the oldest.
         slot = next((s for s, held in self._pool.items()
                      if _common_prefix(held, tokens) == len(held)), next(iter(self._pool)))
-        self.cache.copy(seq.slot, slot, seq.n_cached)
+        self._copy(seq.slot, slot, seq.n_cached)
         self._pool[slot] = tokens
         self._pool.move_to_end(slot)
 
@@ -512,6 +664,22 @@ class Engine:
                     seq.finish_reason = "abort"
                     self._send(seq, seq.emitted, "abort")
             self._finish_request(request, error)
+
+
+def _slot_cache(model: Transformer, n_slots: int, max_len: int) -> SlotCache:
+    cfg, weight = model.cfg, model.tok_emb.weight
+    return SlotCache(cfg.n_layers, n_slots, cfg.n_kv_heads, max_len, cfg.head_dim,
+                     device=weight.device, dtype=weight.dtype)
+
+
+def _mask(write: Tensor, kv_len: int) -> dict:
+    """SDPA masking for rows writing at their own positions [B, T]: a token sees its row's
+    positions up to its own (padding, in the scratch column past kv_len, sees all; ignored)."""
+    if write.size(0) == 1 and write[0, 0] == 0:
+        return {"is_causal": write.size(1) > 1}  # nothing cached: the call unbatched decoding makes
+    if write.size(1) == 1 and bool((write == kv_len - 1).all()):
+        return {}  # one token per row, every row sees all kv_len positions
+    return {"attn_mask": (torch.arange(kv_len)[None, None] <= write[:, :, None])[:, None]}
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -10,10 +10,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmforge.serve.outputs import Delta, RequestOutput
+from llmforge.serve.speculative import SpecStats
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -21,9 +22,11 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 
 class Metrics:
     def __init__(self, num_running: Callable[[], int], num_waiting: Callable[[], int],
-                 store_failures: Callable[[], Mapping[str, int]] = dict):
-        """`num_running`, `num_waiting` and `store_failures` (the request store's dropped
-        records by reason) are read (called) at every scrape."""
+                 store_failures: Callable[[], Mapping[str, int]] = dict,
+                 spec_decode: Callable[[], SpecStats] = SpecStats):
+        """`num_running`, `num_waiting`, `store_failures` (the request store's dropped
+        records by reason) and `spec_decode` (the engine's speculative decoding totals, zeros
+        without a draft model) are read (called) at every scrape."""
         self.registry = r = CollectorRegistry()
         self.requests = Counter("llmforge_requests", "HTTP API requests by endpoint and outcome "
                                 "(success, error, abort, rejected)", ["endpoint", "outcome"],
@@ -47,6 +50,7 @@ class Metrics:
                                 registry=r)
         r.register(_LiveCounter("llmforge_request_store_failures", "Request records the store "
                                 "dropped, by reason", "reason", store_failures))
+        r.register(_SpecDecode(spec_decode))
         Gauge("llmforge_num_requests_running", "Requests being decoded",
               registry=r).set_function(num_running)
         Gauge("llmforge_num_requests_waiting", "Requests queued for a decode slot",
@@ -71,6 +75,23 @@ class _LiveCounter:
         for value, count in sorted(self.read().items()):
             family.add_metric([value], count)
         yield family
+
+
+class _SpecDecode:
+    """Draft tokens proposed and accepted (vLLM's spec_decode names), read from the engine."""
+
+    def __init__(self, read: Callable[[], SpecStats]):
+        self.read = read
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        stats = self.read()
+        yield CounterMetricFamily("llmforge_spec_decode_num_draft_tokens",
+                                  "Draft tokens the draft model proposed", value=stats.proposed)
+        yield CounterMetricFamily("llmforge_spec_decode_num_accepted_tokens",
+                                  "Draft tokens the target model accepted", value=stats.accepted)
+        yield GaugeMetricFamily("llmforge_spec_decode_draft_acceptance_rate",
+                                "Accepted over proposed draft tokens since the start (NaN "
+                                "before any)", value=stats.acceptance_rate)
 
 
 class RequestTimer:
