@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from test_align_stages import greedy
 
 from llmforge.cli import main
 from llmforge.compress.distill import (
@@ -245,17 +246,6 @@ def distill(runs: Path, name: str, *overrides: str) -> int:
 
 def summary_of(runs: Path, name: str) -> dict:
     return json.loads((runs / name / "distill" / "summary.json").read_text())
-
-
-def greedy(model_dir: Path, text: str) -> list[int]:
-    chat = open_chat_model(str(model_dir))
-    engine = Engine(chat.model, chat.tokenizer, stop_ids=chat.stop_ids)
-    try:
-        [out] = engine.generate([chat.format.prompt([{"role": "user", "content": text}])],
-                                SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
-    finally:
-        engine.shutdown()
-    return out.choices[0].token_ids
 
 
 def test_distilled_student_approaches_the_teacher_then_serves_and_resumes(teacher, corpus,

@@ -119,8 +119,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --store: delete requests older than this")
     p.add_argument("--model-version", help="recorded with each request (default: the model name)")
     p.add_argument("--quantization", choices=("none", "int4"), default="none",
-                   help="int4: the blocks' weights as 4-bit groups of 32 (CPU; a Q4_1 GGUF "
-                   "keeps its own codes), about 1.2-1.4x faster single-stream decoding")
+                   help="int4: the blocks' weights as 4-bit groups of 32 (a Q4_1 GGUF "
+                   "keeps its own codes; the CPU kernel, plain ops elsewhere), about 1.2-1.4x "
+                   "faster single-stream decoding on a CPU")
     p.add_argument("--draft-model", metavar="SPEC",
                    help="speculative decoding: a model with the same tokenizer (the same "
                    "sources as MODEL; smaller or quantized) proposes tokens that MODEL checks "

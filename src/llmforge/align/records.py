@@ -34,3 +34,15 @@ def read_jsonl(path: Path, skipped: Counter) -> Iterator[tuple[str, dict]]:
                 skipped["not_an_object"] += 1
                 continue
             yield f"{path.name}:{lineno}", record
+
+
+def first_record(path: Path) -> object:
+    """The first non-blank line of a (possibly gzipped) JSONL file, parsed; None when there is
+    none or it is not JSON. For telling file formats apart by their records."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+        line = next((line for line in f if line.strip()), "")
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None

@@ -11,7 +11,6 @@ docstring), so the demo's SFT needs no download.
 from __future__ import annotations
 
 import ast
-import gzip
 import hashlib
 import json
 from collections import Counter
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from llmforge.align.finetune import FinetuneConfig
+from llmforge.align.records import first_record
 from llmforge.data.documents import document_batches
 from llmforge.tokenizer.chat_format import ChatFormat
 from llmforge.train.data import draw_indices
@@ -78,13 +78,7 @@ def is_hh_file(path: Path) -> bool:
     pair: chosen and rejected with no separate prompt."""
     if not path.is_file():
         return False
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-        line = next((line for line in f if line.strip()), "")
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        return False
+    record = first_record(path)
     return isinstance(record, dict) and {"chosen", "rejected"} <= record.keys() \
         and "prompt" not in record
 

@@ -25,8 +25,6 @@ kept for the backward pass.
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -36,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llmforge.align.records import first_record
 from llmforge.align.sft import encode_examples, is_validation, jsonl_examples, pad_batch
 from llmforge.data.documents import document_batches
 from llmforge.data.records import Rejected
@@ -418,13 +417,7 @@ def is_conversations(path: Path) -> bool:
     """True when the first record of a (possibly gzipped) JSONL file is a conversation."""
     if not path.is_file() or not path.name.endswith((".jsonl", ".jsonl.gz")):
         return False
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-        line = next((line for line in f if line.strip()), "")
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        return False
+    record = first_record(path)
     return isinstance(record, dict) and any(keys <= record.keys() for keys in _CONVERSATION_KEYS)
 
 
