@@ -125,13 +125,13 @@ def speculative(target: ChatModel, draft: ChatModel, name: str, k: int,
 def print_table(rows: list[Row]) -> None:
     ref = rows[0]
     print(f"\n{'variant':<15}{'MiB':>8}{'x size':>8}{'decode tok/s':>14}{'x speed':>9}  "
-          f"{'by':<10}{'wikitext ppl':>13}{'x ppl':>7}{'ARC-Easy':>10}{'± se':>7}")
+          f"{'by':<10}{'wikitext ppl':>13}{'x ppl':>9}{'ARC-Easy':>10}{'± se':>7}")
     for r in rows:
         speed = "-" if r.decode_tps is None else f"{r.decode_tps:.1f}"
         ratio = "-" if r.decode_tps is None or ref.decode_tps is None \
             else f"{r.decode_tps / ref.decode_tps:.2f}"
         print(f"{r.variant:<15}{r.mib:>8.1f}{r.mib / ref.mib:>8.2f}{speed:>14}{ratio:>9}  "
-              f"{r.decode_by:<10}{r.word_ppl:>13.2f}{r.word_ppl / ref.word_ppl:>7.3f}"
+              f"{r.decode_by:<10}{r.word_ppl:>13.2f}{r.word_ppl / ref.word_ppl:>9.3f}"
               f"{r.arc:>10.3f}{r.arc_se:>7.3f}")
 
 

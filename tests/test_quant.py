@@ -1,4 +1,5 @@
-"""Weight-only int4: exact on weights already on a 4-bit grid, close otherwise, served as is."""
+"""Weight-only int4 and int8: exact on weights already on a 4-bit grid, close otherwise, served
+as is."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from torch import Tensor, nn
 
 from llmforge.model.config import ModelConfig
 from llmforge.model.generate import generate
-from llmforge.model.quant import Int4Linear, quantize_groups, quantize_int4
+from llmforge.model.quant import Int4Linear, Int8Linear, quantize_groups, quantize_int4
 from llmforge.model.transformer import Transformer
 from llmforge.serve.engine import Engine
 from llmforge.serve.sampling import SamplingParams
@@ -50,6 +51,22 @@ def test_int4_layer_multiplies_by_its_dequantized_weight_and_adds_the_bias():
     # Gaussian weights in 4 bits: about a tenth of their norm is error.
     w = layer.weight.detach()
     assert float((q.dequantized() - w).norm() / w.norm()) < 0.15
+
+
+def test_int8_kernel_for_inference_and_dequantised_weights_for_gradients():
+    torch.manual_seed(0)
+    layer = Int8Linear(nn.Linear(128, 64, bias=True))
+    x = torch.randn(3, 5, 128)
+    reference = nn.functional.linear(x, layer.dequantized(), layer.bias)
+    with torch.inference_mode():  # the CPU kernel, on bf16 activations
+        served = layer(x)
+    torch.testing.assert_close(served, reference, rtol=0.02, atol=0.02)
+    x.requires_grad_()  # a LoRA base: gradients flow to the input, the codes stay frozen
+    trained = layer(x)
+    torch.testing.assert_close(trained, reference, rtol=1e-5, atol=1e-5)
+    trained.sum().backward()
+    torch.testing.assert_close(x.grad, layer.dequantized().sum(0).expand_as(x))
+    assert not any(p.requires_grad for p in layer.parameters())
 
 
 def test_bad_group_size_is_a_clear_error():

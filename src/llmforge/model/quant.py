@@ -181,8 +181,18 @@ class Int8Linear(nn.Module):
         return self.weight_int8.float() * self.scale
 
     def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
+            # Inference on a CPU: PyTorch's int8 kernel reads the codes as they are, in bf16 as
+            # the int4 kernel does (its fp32 path is ~10x slower). It has no backward, so a
+            # LoRA base that gradients pass through dequantises instead.
+            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8,
+                                                   self.scale.view(-1).to(torch.bfloat16))
+            y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+            return y if bias is None else y + bias
         w = self.weight_int8.to(x.dtype) * self.scale.to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        return F.linear(x, w, bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
