@@ -259,7 +259,7 @@ def run_grpo(ctx: StageContext) -> dict:
 def run_distill(ctx: StageContext) -> dict:
     recipe, cfg = ctx.recipe, ctx.recipe.distill
     torch.manual_seed(recipe.seed)
-    spec = distill.teacher_spec(cfg, ctx.upstream.get("sft"))
+    spec = finetune.base_spec(cfg, ctx.upstream.get("sft"), "teacher")
     teacher, student, built = distill.open_models(cfg, spec, pick_device(recipe.device),
                                                   seed=recipe.seed)
     train_rows, val_rows, skipped = distill.load_rows(

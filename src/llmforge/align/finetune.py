@@ -42,13 +42,14 @@ class FinetuneConfig:
             self.lora.validate()
 
 
-def base_spec(cfg: FinetuneConfig, upstream: Path | None) -> str:
-    """The model a method starts from: cfg.base, else the upstream stage's model directory."""
-    if cfg.base:
-        return cfg.base
+def base_spec(cfg, upstream: Path | None, setting: str = "base") -> str:
+    """The model a stage starts from: the config's `setting` (`base`, a distiller's `teacher`),
+    else the upstream stage's model directory."""
+    if spec := getattr(cfg, setting):
+        return spec
     if upstream is None:
-        raise ValueError("no base model: set base (a model directory, hf://owner/name or "
-                         "gguf:PATH)")
+        raise ValueError(f"no {setting} model: set {setting} (a model directory, "
+                         f"hf://owner/name or gguf:PATH)")
     return str(upstream / "model")
 
 

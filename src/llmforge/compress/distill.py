@@ -273,16 +273,6 @@ def held_out(student: nn.Module, teacher: nn.Module, rows: list[Row], pad_id: in
 # --- the models -------------------------------------------------------------------------------
 
 
-def teacher_spec(cfg: DistillConfig, upstream: Path | None) -> str:
-    """The teacher: cfg.teacher, else the upstream stage's model directory."""
-    if cfg.teacher:
-        return cfg.teacher
-    if upstream is None:
-        raise ValueError("distill: no teacher; set distill.teacher (a model directory, "
-                         "hf://owner/name or gguf:PATH)")
-    return str(upstream / "model")
-
-
 def spread_layers(n_teacher: int, n: int) -> list[int]:
     """`n` of `n_teacher` block indices, evenly spaced, the first and the last kept."""
     if not 1 <= n <= n_teacher:

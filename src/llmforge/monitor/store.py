@@ -204,6 +204,19 @@ def _decode_request(row: Any) -> dict[str, Any]:
     return out
 
 
+def _selected(query: Select[Any], created_at: Any, since: datetime | None,
+              until: datetime | None, model_version: str | None) -> Select[Any]:
+    """`query` narrowed to `created_at` in [since, until) and to one model version's requests
+    (each bound only when given)."""
+    if since is not None:
+        query = query.where(created_at >= since)
+    if until is not None:
+        query = query.where(created_at < until)
+    if model_version is not None:
+        query = query.where(REQUESTS.c.model_version == model_version)
+    return query
+
+
 def _configure_sqlite(engine: Engine, busy_timeout_s: float) -> None:
     """WAL and a busy timeout on every connection; write transactions begin IMMEDIATE, so a
     writer waits for the lock up front instead of failing when it upgrades a read lock."""
@@ -464,13 +477,8 @@ class RequestStore:
         """Stored requests, oldest first, created in [since, until), optionally of one model
         version; `sampling` and `safety_flags` come back decoded, `prompt` as stored text."""
         c = REQUESTS.c
-        query = select(REQUESTS).order_by(c.created_at, c.id).limit(limit)
-        if since is not None:
-            query = query.where(c.created_at >= since)
-        if until is not None:
-            query = query.where(c.created_at < until)
-        if model_version is not None:
-            query = query.where(c.model_version == model_version)
+        query = _selected(select(REQUESTS).order_by(c.created_at, c.id).limit(limit),
+                          c.created_at, since, until, model_version)
         return [_decode_request(row) for row in self._read(query)]
 
     def feedback_with_requests(self, since: datetime | None = None,
@@ -483,11 +491,6 @@ class RequestStore:
                         f.preferred, f.note, r.model, r.model_version, r.client_id, r.endpoint,
                         r.prompt, r.output, r.sampling)
                  .join_from(FEEDBACK, REQUESTS).order_by(f.id))
-        if since is not None:
-            query = query.where(f.created_at >= since)
-        if until is not None:
-            query = query.where(f.created_at < until)
-        if model_version is not None:
-            query = query.where(r.model_version == model_version)
+        query = _selected(query, f.created_at, since, until, model_version)
         return [{**row._mapping, "sampling": json.loads(row.sampling)}
                 for row in self._read(query)]
